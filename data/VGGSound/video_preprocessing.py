@@ -1,0 +1,18 @@
+"""VGGSound: keep --fps frames per second of every video as <root>/Image-01-FPS/<clip>/00000.jpg, ...
+
+Usage: python data/VGGSound/video_preprocessing.py --video-dir vggsound/video --root vggsound
+(--help lists every flag; rerunning skips finished clips.)
+"""
+import sys
+from pathlib import Path
+
+
+def main(argv=None):
+    # Run as a plain file, so the repository root is put on the import path by hand.
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+    from utils.preprocess import main as run_preprocessing
+    run_preprocessing("VGGSound", "frames", argv)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,140 @@
+"""The shared audio-visual clip dataset: a wav file and a folder of frames per clip.
+
+Every late-fusion dataset (AV-Digits, CREMA-D, AVE, Kinetics-Sounds, VGGSound) reduces to a
+list of ``AVClip`` records; this module turns them into tensors with the shared recipe.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import cv2
+import numpy as np
+import torch
+from torch.utils.data import Dataset, default_collate
+from torchvision.transforms import v2
+
+from datasets.audio import AudioRecipe, wav_to_spectrogram
+from utils.errors import UserError
+
+log = logging.getLogger(__name__)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+FRAME_SUFFIXES = (".jpg", ".jpeg", ".png")
+
+
+@dataclass(frozen=True)
+class AVClip:
+    name: str
+    label: int
+    audio_path: Path
+    frame_dir: Path
+
+
+@dataclass(frozen=True)
+class VisualRecipe:
+    frames_per_clip: int = 1
+    image_size: int = 224
+    augment: bool = True  # RandomResizedCrop + horizontal flip in training
+
+
+def list_frames(frame_dir: Path) -> list[Path]:
+    """Frame files of a clip, in time order (zero-padded names sort as time)."""
+    try:
+        return sorted(p for p in Path(frame_dir).iterdir() if p.suffix.lower() in FRAME_SUFFIXES)
+    except OSError:
+        return []
+
+
+def keep_available(clips: Sequence[AVClip], split: str, max_missing: float) -> list[AVClip]:
+    """Drop clips whose wav or frames are missing; warn once with the count; fail beyond
+    ``max_missing`` (a fraction) since that means a wrong root or an unfinished extraction."""
+    kept = [c for c in clips if c.audio_path.is_file() and list_frames(c.frame_dir)]
+    missing = len(clips) - len(kept)
+    if not clips or not kept:
+        raise UserError(f"the {split} split has no usable clips (checked wav files and frame folders)")
+    if missing:
+        example = next(c for c in clips if c not in set(kept))
+        message = (f"{split}: skipped {missing} of {len(clips)} clips with a missing wav or frame "
+                   f"folder (e.g. {example.audio_path} / {example.frame_dir})")
+        if missing / len(clips) > max_missing:
+            raise UserError(message + f", more than --max-missing {max_missing:.0%}; check --data-root")
+        log.warning(message)
+    return kept
+
+
+def frame_indices(available: int, wanted: int, train: bool, generator: torch.Generator | None) -> list[int]:
+    """Random distinct frames in time order when training; evenly spaced otherwise."""
+    if train:
+        if available >= wanted:
+            return sorted(torch.randperm(available, generator=generator)[:wanted].tolist())
+        return sorted(torch.randint(available, (wanted,), generator=generator).tolist())
+    return np.linspace(0, available - 1, wanted).round().astype(int).tolist()
+
+
+def frame_transform(recipe: VisualRecipe, train: bool) -> Callable:
+    size = recipe.image_size
+    if train and recipe.augment:
+        geometry = [v2.RandomResizedCrop(size, antialias=True), v2.RandomHorizontalFlip()]
+    else:
+        geometry = [v2.Resize((size, size), antialias=True)]
+    return v2.Compose([*geometry, v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+
+
+def read_frame(path: Path) -> torch.Tensor:
+    image = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    if image is None:
+        raise ValueError(f"unreadable image {path}")
+    image = cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+    return torch.from_numpy(image).permute(2, 0, 1).float().div_(255.0)
+
+
+class AVClipDataset(Dataset):
+    """Yields ``({"audio": (1, F, T), "visual": (K, 3, S, S)}, label)``, or ``None`` for a
+    clip whose files cannot be read (``collate_skipping_bad`` drops and counts those)."""
+
+    def __init__(self, clips: Sequence[AVClip], audio: AudioRecipe, visual: VisualRecipe,
+                 train: bool, spectrogram_fn: Callable | None = None):
+        self.clips = list(clips)
+        self.audio = audio
+        self.visual = visual
+        self.train = train
+        self.transform = frame_transform(visual, train)
+        # The spectrogram function is swappable so a disk cache can wrap the recipe.
+        self.spectrogram_fn = spectrogram_fn or wav_to_spectrogram
+
+    def __len__(self) -> int:
+        return len(self.clips)
+
+    @property
+    def labels(self) -> list[int]:
+        return [c.label for c in self.clips]
+
+    def load_frames(self, clip: AVClip) -> torch.Tensor:
+        frames = list_frames(clip.frame_dir)
+        if not frames:
+            raise ValueError(f"no frames in {clip.frame_dir}")
+        picks = frame_indices(len(frames), self.visual.frames_per_clip, self.train, None)
+        return torch.stack([self.transform(read_frame(frames[i])) for i in picks])
+
+    def __getitem__(self, index: int):
+        clip = self.clips[index]
+        try:
+            spectrogram = torch.from_numpy(self.spectrogram_fn(clip.audio_path, self.audio))
+            frames = self.load_frames(clip)
+        except Exception as error:  # a corrupt file must cost one sample, not the run
+            log.warning("skipping clip %s: %s", clip.name, error)
+            return None
+        return {"audio": spectrogram.unsqueeze(0), "visual": frames}, clip.label
+
+
+def collate_skipping_bad(batch):
+    """default_collate over the readable samples; returns (inputs, labels, skipped)."""
+    good = [sample for sample in batch if sample is not None]
+    skipped = len(batch) - len(good)
+    if not good:
+        return None, None, skipped
+    inputs, labels = default_collate(good)
+    return inputs, labels, skipped

@@ -1,0 +1,330 @@
+"""AV-Digits: the small audio-visual digit set that ships with the project.
+
+Each of scikit-learn's 1,797 handwritten 8x8 digit images becomes one sample, paired
+with a spoken clip of the same digit from the espeak-ng recordings kept under
+`data/AVDigits/` (made once by `data/AVDigits/synthesize.py`). `materialize` writes
+the samples in the layout of the real audio-visual datasets:
+
+    <root>/audio/<clip>.wav                 16 kHz mono PCM16, 1.0 s
+    <root>/Image-01-FPS/<clip>/00000.jpg    frames_per_clip noisy views of the image
+    <root>/train.csv, val.csv, test.csv     lines `clip,label` (no header)
+    <root>/classes.txt, meta.csv, .materialized.json
+
+Recordings are split by voice, so val/test audio always comes from voices that the
+training split never hears. The noise knobs set how informative each modality is.
+"""
+
+import csv
+import hashlib
+import io
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+ASSETS_DIR = Path(__file__).resolve().parent.parent / "data" / "AVDigits"
+CLASS_NAMES = ("zero", "one", "two", "three", "four",
+               "five", "six", "seven", "eight", "nine")
+SPLIT_NAMES = ("train", "val", "test")
+SAMPLE_RATE = 16000
+CLIP_SAMPLES = SAMPLE_RATE          # every wav is exactly 1.0 s
+MIX_PEAK = 0.9                      # mixtures are rescaled to this peak; SNR is unchanged
+NATIVE_SIZE = 8                     # load_digits images are 8x8, intensities 0..16
+JPEG_QUALITY = 95
+FORMAT_VERSION = 1                  # bump when the written layout or rendering changes
+MARKER_NAME = ".materialized.json"
+
+# Defaults. Audio noise is white noise at an SNR drawn per sample from the range
+# (relative to the spoken word's own power); visual noise is Gaussian on the native
+# 8x8 grid in [0, 1] intensity units before upsampling, so difficulty does not depend
+# on image_size; occlusion blanks a random square covering that fraction of the side.
+DEFAULT_SEED = 0
+DEFAULT_AUDIO_SNR_DB = (-10.0, 0.0)
+DEFAULT_VISUAL_NOISE_STD = 0.6
+DEFAULT_VISUAL_OCCLUSION = 0.5
+DEFAULT_FRAMES_PER_CLIP = 3
+DEFAULT_IMAGE_SIZE = 32
+DEFAULT_SPLIT = (0.7, 0.15, 0.15)
+
+logger = logging.getLogger(__name__)
+
+
+class AVDigitsError(Exception):
+    """A problem the user can fix (bad argument, missing or corrupt asset, bad root)."""
+
+
+def resolve_params(seed=DEFAULT_SEED, audio_snr_db=DEFAULT_AUDIO_SNR_DB,
+                   visual_noise_std=DEFAULT_VISUAL_NOISE_STD,
+                   visual_occlusion=DEFAULT_VISUAL_OCCLUSION,
+                   frames_per_clip=DEFAULT_FRAMES_PER_CLIP,
+                   image_size=DEFAULT_IMAGE_SIZE, split=DEFAULT_SPLIT) -> dict:
+    """Validate the knobs and return them as plain JSON types (audio_snr_db None = clean)."""
+    if int(seed) != seed or seed < 0:
+        raise AVDigitsError(f"seed must be a non-negative integer, got {seed!r}.")
+    if audio_snr_db is not None:
+        if len(audio_snr_db) != 2 or not np.all(np.isfinite(audio_snr_db)) \
+                or audio_snr_db[0] > audio_snr_db[1]:
+            raise AVDigitsError(
+                f"audio_snr_db must be None or a finite (low, high) pair, got {audio_snr_db!r}.")
+        audio_snr_db = [float(audio_snr_db[0]), float(audio_snr_db[1])]
+    if not visual_noise_std >= 0:
+        raise AVDigitsError(f"visual_noise_std must be >= 0, got {visual_noise_std!r}.")
+    if not 0 <= visual_occlusion < 1:
+        raise AVDigitsError(f"visual_occlusion must be in [0, 1), got {visual_occlusion!r}.")
+    if int(frames_per_clip) != frames_per_clip or not 1 <= frames_per_clip <= 99999:
+        raise AVDigitsError(f"frames_per_clip must be an integer >= 1, got {frames_per_clip!r}.")
+    if int(image_size) != image_size or image_size < NATIVE_SIZE:
+        raise AVDigitsError(f"image_size must be an integer >= {NATIVE_SIZE}, got {image_size!r}.")
+    if len(split) != 3 or min(split) <= 0 or abs(sum(split) - 1) > 1e-6:
+        raise AVDigitsError(
+            f"split must be three positive fractions (train, val, test) summing to 1, got {split!r}.")
+    return {"seed": int(seed), "audio_snr_db": audio_snr_db,
+            "visual_noise_std": float(visual_noise_std),
+            "visual_occlusion": float(visual_occlusion),
+            "frames_per_clip": int(frames_per_clip), "image_size": int(image_size),
+            "split": [float(f) for f in split]}
+
+
+def params_key(**params) -> str:
+    """Short stable hash of the knobs, for keying a cache folder per setting."""
+    canonical = json.dumps({"format_version": FORMAT_VERSION, **resolve_params(**params)},
+                           sort_keys=True)
+    return hashlib.sha256(canonical.encode()).hexdigest()[:10]
+
+
+def read_assets(assets_dir: Path):
+    """Return (fingerprint, rows): the manifest rows with each clip's file bytes attached.
+
+    The fingerprint hashes the manifest and every clip, so re-synthesized assets
+    trigger a rebuild even when the knobs did not change.
+    """
+    manifest = assets_dir / "clips.csv"
+    if not manifest.is_file():
+        raise AVDigitsError(f"AV-Digits assets not found: {manifest} is missing "
+                            "(restore data/AVDigits/ or run data/AVDigits/synthesize.py).")
+    digest = hashlib.sha256(manifest.read_bytes())
+    with open(manifest, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    if not rows or not {"file", "digit", "voice"} <= set(rows[0]):
+        raise AVDigitsError(f"{manifest} is not an AV-Digits manifest "
+                            "(it needs the columns file, digit, voice).")
+    for row in rows:
+        try:
+            row["raw"] = (assets_dir / row["file"]).read_bytes()
+        except OSError:
+            row["raw"] = b""
+        digest.update(row["file"].encode() + b"\0" + row["raw"])
+    return digest.hexdigest()[:16], rows
+
+
+def decode_clips(rows, assets_dir: Path):
+    """Decode the manifest rows; unreadable or malformed clips are skipped and counted."""
+    import soundfile as sf
+
+    clips, skipped = [], []
+    for row in rows:
+        try:
+            samples, rate = sf.read(io.BytesIO(row["raw"]), dtype="float32")
+        except (RuntimeError, sf.LibsndfileError):
+            skipped.append(row["file"])
+            continue
+        if rate != SAMPLE_RATE or samples.ndim != 1 or row["digit"] not in CLASS_NAMES:
+            skipped.append(row["file"])
+            continue
+        clips.append({"digit": row["digit"], "voice": row["voice"],
+                      "file": row["file"], "samples": samples})
+    if skipped:
+        logger.warning("AV-Digits: skipped %d unreadable or malformed clips under %s "
+                       "(first: %s)", len(skipped), assets_dir, skipped[0])
+    return clips, len(skipped)
+
+
+def partition_voices(voices, split, seed: int) -> dict:
+    """Seeded, disjoint voice groups per split: voice -> split name."""
+    voices = sorted(set(voices))
+    np.random.default_rng([seed, 1]).shuffle(voices)
+    n_val = max(1, round(split[1] * len(voices)))
+    n_test = max(1, round(split[2] * len(voices)))
+    if len(voices) - n_val - n_test < 1:
+        raise AVDigitsError(f"split {split} leaves no training voice among "
+                            f"{len(voices)} voices in the assets.")
+    groups = ["val"] * n_val + ["test"] * n_test
+    groups += ["train"] * (len(voices) - len(groups))
+    return dict(zip(voices, groups))
+
+
+def assign_image_splits(labels, split, seed: int):
+    """Stratified, seeded split of image indices: returns one split name per image."""
+    from sklearn.model_selection import train_test_split
+
+    indices = np.arange(len(labels))
+    train_idx, held_idx = train_test_split(indices, test_size=split[1] + split[2],
+                                           stratify=labels, random_state=seed)
+    val_idx, test_idx = train_test_split(held_idx, test_size=split[2] / (split[1] + split[2]),
+                                         stratify=labels[held_idx], random_state=seed)
+    names = np.empty(len(labels), dtype=object)
+    names[train_idx], names[val_idx], names[test_idx] = "train", "val", "test"
+    return names
+
+
+def render_audio(speech, rng, snr_db):
+    """Place the word at a random offset of a 1 s buffer and add white noise at snr_db."""
+    speech = speech[:CLIP_SAMPLES]
+    buffer = np.zeros(CLIP_SAMPLES, dtype=np.float64)
+    offset = int(rng.integers(0, CLIP_SAMPLES - len(speech) + 1))
+    buffer[offset:offset + len(speech)] = speech
+    if snr_db is not None:
+        speech_power = float(np.mean(np.square(speech, dtype=np.float64)))
+        noise_std = np.sqrt(speech_power / 10 ** (snr_db / 10))
+        buffer += rng.standard_normal(CLIP_SAMPLES) * noise_std
+    peak = np.max(np.abs(buffer))
+    return (buffer * (MIX_PEAK / peak)).astype(np.float32) if peak > 0 else buffer
+
+
+def render_frames(image, rng, noise_std, occlusion, frames, size):
+    """Independent noisy (and occluded) views of one 8x8 digit, as size x size BGR uint8."""
+    import cv2
+
+    base = image.astype(np.float32) / 16.0
+    side = int(round(occlusion * NATIVE_SIZE))
+    views = []
+    for _ in range(frames):
+        view = base + rng.normal(0.0, noise_std, base.shape).astype(np.float32)
+        if side > 0:
+            top, left = rng.integers(0, NATIVE_SIZE - side + 1, size=2)
+            view[top:top + side, left:left + side] = 0.0
+        view = cv2.resize(np.clip(view, 0, 1), (size, size), interpolation=cv2.INTER_LINEAR)
+        gray = np.round(view * 255).astype(np.uint8)
+        views.append(cv2.cvtColor(gray, cv2.COLOR_GRAY2BGR))
+    return views
+
+
+def read_marker(root: Path):
+    try:
+        return json.loads((root / MARKER_NAME).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def build_into(folder: Path, params: dict, clips: list, fingerprint: str, skipped: int):
+    """Write the whole dataset into an empty folder (no atomicity here)."""
+    import cv2
+    import soundfile as sf
+    from sklearn.datasets import load_digits
+    from tqdm import tqdm
+
+    digits = load_digits()
+    images, labels = digits.images, digits.target
+    seed, snr_range = params["seed"], params["audio_snr_db"]
+    image_splits = assign_image_splits(labels, params["split"], seed)
+    voice_split = partition_voices([c["voice"] for c in clips], params["split"], seed)
+    pools = {}
+    for clip in clips:
+        pools.setdefault((voice_split[clip["voice"]], clip["digit"]), []).append(clip)
+    for split_name in SPLIT_NAMES:
+        for digit in CLASS_NAMES:
+            if (split_name, digit) not in pools:
+                raise AVDigitsError(f"the AV-Digits assets hold no '{digit}' clip for the "
+                                    f"{split_name} voices; re-run data/AVDigits/synthesize.py.")
+
+    (folder / "audio").mkdir()
+    frames_root = folder / "Image-01-FPS"
+    frames_root.mkdir()
+    split_lines = {name: [] for name in SPLIT_NAMES}
+    meta_rows = []
+    for index in tqdm(range(len(images)), desc="materializing AV-Digits", unit="sample"):
+        # One generator per sample keeps each sample independent of the others' order.
+        rng = np.random.default_rng([seed, 2, index])
+        label = CLASS_NAMES[labels[index]]
+        split_name = image_splits[index]
+        pool = pools[(split_name, label)]
+        clip = pool[int(rng.integers(len(pool)))]
+        snr_db = None if snr_range is None else float(rng.uniform(*snr_range))
+        name = f"avd_{index:04d}"
+        sf.write(str(folder / "audio" / f"{name}.wav"), render_audio(clip["samples"], rng, snr_db),
+                 SAMPLE_RATE, subtype="PCM_16")
+        clip_frames = frames_root / name
+        clip_frames.mkdir()
+        views = render_frames(images[index], rng, params["visual_noise_std"],
+                              params["visual_occlusion"], params["frames_per_clip"],
+                              params["image_size"])
+        for frame_index, view in enumerate(views):
+            cv2.imwrite(str(clip_frames / f"{frame_index:05d}.jpg"), view,
+                        [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY])
+        split_lines[split_name].append(f"{name},{label}\n")
+        meta_rows.append([name, label, split_name, index, clip["voice"], clip["file"],
+                          "" if snr_db is None else f"{snr_db:.3f}"])
+
+    for split_name, lines in split_lines.items():
+        (folder / f"{split_name}.csv").write_text("".join(lines))
+    (folder / "classes.txt").write_text("".join(f"{c}\n" for c in CLASS_NAMES))
+    with open(folder / "meta.csv", "w", newline="") as handle:
+        writer = csv.writer(handle, lineterminator="\n")
+        writer.writerow(["clip", "label", "split", "image_index", "voice", "audio_file", "snr_db"])
+        writer.writerows(meta_rows)
+    marker = {"format_version": FORMAT_VERSION, "params": params,
+              "assets_fingerprint": fingerprint, "skipped_clips": skipped,
+              "samples": {name: len(lines) for name, lines in split_lines.items()}}
+    (folder / MARKER_NAME).write_text(json.dumps(marker, indent=2) + "\n")
+
+
+def is_current(marker, params: dict, fingerprint: str) -> bool:
+    return (marker is not None and marker.get("format_version") == FORMAT_VERSION
+            and marker.get("params") == params
+            and marker.get("assets_fingerprint") == fingerprint)
+
+
+def materialize(root, *, seed=DEFAULT_SEED, audio_snr_db=DEFAULT_AUDIO_SNR_DB,
+                visual_noise_std=DEFAULT_VISUAL_NOISE_STD,
+                visual_occlusion=DEFAULT_VISUAL_OCCLUSION,
+                frames_per_clip=DEFAULT_FRAMES_PER_CLIP, image_size=DEFAULT_IMAGE_SIZE,
+                split=DEFAULT_SPLIT, force=False, assets_dir=None) -> Path:
+    """Build AV-Digits into `root` once; later calls with the same knobs return at once.
+
+    audio_snr_db: (low, high) dB range of the per-sample SNR, or None for clean audio.
+    visual_noise_std: Gaussian noise std on the 8x8 image in [0, 1] units, per frame.
+    visual_occlusion: side of a random blanked square as a fraction of the image side.
+    frames_per_clip, image_size: frames per sample and their side in pixels.
+    split: (train, val, test) fractions for both the images and the voices.
+    Different knobs, changed assets or force=True rebuild: the new copy is built in a
+    hidden sibling folder and swapped in by rename, so `root` is never half-written.
+    A non-empty `root` not made by this function is refused.
+    """
+    params = resolve_params(seed, audio_snr_db, visual_noise_std, visual_occlusion,
+                            frames_per_clip, image_size, split)
+    root = Path(root).expanduser()
+    assets_dir = ASSETS_DIR if assets_dir is None else Path(assets_dir)
+    fingerprint, rows = read_assets(assets_dir)
+    marker = read_marker(root)
+    if not force and is_current(marker, params, fingerprint):
+        return root
+    if root.exists() and (not root.is_dir() or (marker is None and any(root.iterdir()))):
+        raise AVDigitsError(f"refusing to replace {root}: it exists and was not written by "
+                            f"AV-Digits (no {MARKER_NAME}); choose another folder.")
+    clips, skipped = decode_clips(rows, assets_dir)
+    root.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{root.name}.building-", dir=root.parent))
+    retired = None
+    try:
+        build_into(staging, params, clips, fingerprint, skipped)
+        if root.exists():
+            retired = Path(tempfile.mkdtemp(prefix=f".{root.name}.old-", dir=root.parent))
+            os.rename(root, retired / root.name)
+        try:
+            os.rename(staging, root)
+        except OSError:
+            # Another process finished the same build first: keep theirs if it matches.
+            if not is_current(read_marker(root), params, fingerprint):
+                raise AVDigitsError(f"could not move the built dataset into {root}; "
+                                    "another process may be writing there.")
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+        if retired is not None:
+            if not root.exists() and (retired / root.name).exists():
+                os.rename(retired / root.name, root)   # the swap failed: put the old copy back
+            shutil.rmtree(retired, ignore_errors=True)
+    return root

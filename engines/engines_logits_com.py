@@ -1,0 +1,193 @@
+"""The one training/evaluation loop, for OLM, its loss-ratio variant and every baseline.
+
+``train_one_epoch`` runs one pass over the training loader (every training batch exactly once);
+methods that need held-out losses (OLM's ``rate`` target) draw batches from an independently
+cycled held-out iterator, forwarded in eval mode without gradients. ``evaluate`` scores a
+loader with the raw logits.
+"""
+from __future__ import annotations
+
+import contextlib
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Iterator, Mapping
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from engines.metrics import HeadMetrics
+from engines.methods import Method
+from utils import distributed
+
+
+class NonFiniteLoss(RuntimeError):
+    """The training loss became NaN or infinite."""
+
+
+@dataclass
+class StepContext:
+    """What the loop needs besides the model and the method."""
+
+    device: torch.device
+    network_optimizer: torch.optim.Optimizer
+    coefficient_optimizer: torch.optim.Optimizer | None = None
+    scaler: torch.amp.GradScaler | None = None
+    amp_dtype: torch.dtype | None = None
+    channels_last: bool = False
+    heldout_every: int = 1
+    progress: bool = True
+    step: int = 0
+    skipped_samples: int = 0
+    heldout_cache: dict = field(default_factory=dict)
+
+
+def cycle(loader) -> Iterator:
+    """Iterate ``loader`` forever, re-shuffling at every pass (unlike itertools.cycle)."""
+    while True:
+        yielded = False
+        for batch in loader:
+            yielded = True
+            yield batch
+        if not yielded:
+            raise ValueError("the held-out loader is empty")
+
+
+def autocast(ctx: StepContext):
+    if ctx.amp_dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=ctx.device.type, dtype=ctx.amp_dtype)
+
+
+def to_device(inputs, ctx: StepContext):
+    """Move a (possibly nested) dict of tensors; images go channels-last when asked."""
+    if isinstance(inputs, Mapping):
+        return {k: to_device(v, ctx) for k, v in inputs.items()}
+    if not torch.is_tensor(inputs):
+        return inputs
+    tensor = inputs.to(ctx.device, non_blocking=True)
+    if ctx.channels_last and tensor.dim() == 4 and tensor.is_floating_point():
+        tensor = tensor.contiguous(memory_format=torch.channels_last)
+    return tensor
+
+
+def head_losses(logits: Mapping[str, torch.Tensor], labels: torch.Tensor, heads) -> dict[str, torch.Tensor]:
+    return {h: F.cross_entropy(logits[h].float(), labels) for h in heads}
+
+
+def heldout_losses(model, method: Method, batch, ctx: StepContext) -> dict[str, torch.Tensor]:
+    """Per-head CE of the modulated logits on one held-out batch, in eval mode, no grad;
+    BatchNorm statistics and dropout are left as they were."""
+    inputs, labels, _ = batch
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), autocast(ctx):
+            logits = model(to_device(inputs, ctx))
+            scaled = method.scale(logits)
+            losses = head_losses(scaled, labels.to(ctx.device), method.heads)
+    finally:
+        model.train(was_training)
+    return {h: distributed.all_reduce_mean(v.detach()) for h, v in losses.items()}
+
+
+class DiagnosticMeans:
+    """Epoch means of the per-step method diagnostics (ratios, targets, G, C, ...)."""
+
+    def __init__(self):
+        self.sums: dict[str, torch.Tensor] = {}
+        self.counts: dict[str, int] = defaultdict(int)
+
+    def add(self, values: Mapping[str, torch.Tensor]) -> None:
+        for key, value in values.items():
+            value = value.detach().float().cpu()
+            self.sums[key] = self.sums[key] + value if key in self.sums else value.clone()
+            self.counts[key] += 1
+
+    def means(self, heads) -> dict:
+        result = {}
+        for key, total in self.sums.items():
+            mean = total / self.counts[key]
+            result[key] = dict(zip(heads, mean.tolist())) if mean.dim() == 1 else float(mean)
+        return result
+
+
+def train_step(model, method: Method, batch, heldout_iter, ctx: StepContext, metrics: HeadMetrics,
+               diagnostics: DiagnosticMeans) -> None:
+    inputs, labels, skipped = batch
+    ctx.skipped_samples += skipped
+    if inputs is None:
+        return
+    inputs, labels = to_device(inputs, ctx), labels.to(ctx.device, non_blocking=True)
+    optimizers = [o for o in (ctx.network_optimizer, ctx.coefficient_optimizer) if o is not None]
+    for optimizer in optimizers:
+        optimizer.zero_grad(set_to_none=True)
+
+    with autocast(ctx):
+        logits = model(inputs)
+    losses = head_losses(method.scale(logits), labels, method.heads)
+    loss = method.network_loss(losses)
+    if not torch.isfinite(loss.detach()):
+        raise NonFiniteLoss(f"the training loss became {float(loss)} at step {ctx.step}")
+    (ctx.scaler.scale(loss) if ctx.scaler else loss).backward()
+    if ctx.scaler:  # unscale now: the coefficient loss below adds unscaled gradients to w
+        for optimizer in optimizers:
+            ctx.scaler.unscale_(optimizer)
+    method.after_backward(model, logits, labels)
+
+    if method.coefficient_parameters():
+        heldout = None
+        if method.needs_heldout:
+            if ctx.step % ctx.heldout_every == 0 or not ctx.heldout_cache:
+                ctx.heldout_cache = heldout_losses(model, method, next(heldout_iter), ctx)
+            heldout = ctx.heldout_cache
+        train_detached = {h: distributed.all_reduce_mean(v.detach()) for h, v in losses.items()}
+        coefficient_loss = method.coefficient_loss(logits, train_detached, heldout)
+        if coefficient_loss is not None:
+            coefficient_loss.backward()
+            for parameter in method.coefficient_parameters():
+                if parameter.grad is not None:  # keep coefficients identical on every rank
+                    parameter.grad.copy_(distributed.all_reduce_mean(parameter.grad))
+        diagnostics.add(method.diagnostics())
+
+    for optimizer in optimizers:
+        if ctx.scaler:
+            ctx.scaler.step(optimizer)
+        else:
+            optimizer.step()
+    if ctx.scaler:
+        ctx.scaler.update()
+    ctx.step += 1
+    metrics.update(logits, labels, losses)
+
+
+def train_one_epoch(model, method: Method, loader, heldout_iter, ctx: StepContext, epoch: int):
+    model.train()
+    metrics = HeadMetrics(method.heads)
+    diagnostics = DiagnosticMeans()
+    bar = tqdm(loader, desc=f"epoch {epoch} train", leave=False, dynamic_ncols=True,
+               disable=not (ctx.progress and distributed.is_main()))
+    for batch in bar:
+        train_step(model, method, batch, heldout_iter, ctx, metrics, diagnostics)
+        if metrics.count:
+            bar.set_postfix(loss=f"{sum(metrics.loss_sums.values()) / metrics.count:.3f}")
+    return metrics, diagnostics.means(method.heads)
+
+
+@torch.no_grad()
+def evaluate(model, loader, heads, ctx: StepContext, desc: str = "eval") -> HeadMetrics:
+    """Raw-logit metrics of ``model`` on ``loader`` (eval mode)."""
+    was_training = model.training
+    model.eval()
+    metrics = HeadMetrics(heads)
+    for inputs, labels, skipped in tqdm(loader, desc=desc, leave=False, dynamic_ncols=True,
+                                        disable=not (ctx.progress and distributed.is_main())):
+        ctx.skipped_samples += skipped
+        if inputs is None:
+            continue
+        labels = labels.to(ctx.device, non_blocking=True)
+        with autocast(ctx):
+            logits = model(to_device(inputs, ctx))
+        metrics.update(logits, labels, head_losses(logits, labels, heads))
+    model.train(was_training)
+    return metrics

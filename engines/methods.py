@@ -1,0 +1,123 @@
+"""Training methods as small objects plugged into the one loop (engines/engines_logits_com.py).
+
+A method decides, per step, which logits enter the cross-entropies (``scale``), how the
+per-head losses combine into the network loss (``network_loss``), what happens to gradients
+before the optimizer step (``after_backward``), and whether it trains extra parameters with a
+second optimizer (``coefficient_parameters`` + ``coefficient_loss``). The loop does the rest.
+"""
+from __future__ import annotations
+
+from typing import Callable, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from engines.olm import LogitModulator
+from utils.errors import UserError
+
+METHODS: dict[str, Callable[..., "Method"]] = {}
+
+
+def register_method(name: str):
+    def wrap(factory):
+        METHODS[name] = factory
+        return factory
+    return wrap
+
+
+class Method(nn.Module):
+    """Base: joint training of every head with coefficients fixed at 1."""
+
+    name = "joint"
+    needs_heldout = False  # does coefficient_loss want held-out losses?
+
+    def __init__(self, heads: Sequence[str], **options):
+        super().__init__()
+        self.heads = tuple(heads)
+        self.options = options
+
+    def setup(self, model: nn.Module) -> None:
+        """Adjust the model once before training (e.g. detach read-out heads)."""
+
+    def trained_heads(self) -> tuple[str, ...]:
+        return self.heads
+
+    def selection_head(self) -> str:
+        """The head whose validation accuracy picks the best epoch."""
+        return "fusion" if "fusion" in self.heads else self.heads[0]
+
+    def scale(self, logits: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return dict(logits)
+
+    def network_loss(self, losses: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        return sum(losses[h] for h in self.trained_heads())
+
+    def after_backward(self, model: nn.Module, logits: Mapping[str, torch.Tensor],
+                       labels: torch.Tensor) -> None:
+        """Hook between backward and the optimizer step (gradient modulation)."""
+
+    def coefficient_parameters(self) -> list[nn.Parameter]:
+        return []
+
+    def coefficient_loss(self, logits, train_losses, heldout_losses=None) -> torch.Tensor | None:
+        return None
+
+    def coefficients(self) -> dict[str, float]:
+        return {h: 1.0 for h in self.heads}
+
+    def diagnostics(self) -> dict[str, torch.Tensor]:
+        """Per-step tensors (one value per head, or a scalar) averaged by the loop per epoch."""
+        return {}
+
+
+@register_method("joint")
+class Joint(Method):
+    """Sum of every head's CE; the reference OLM is measured against."""
+
+
+class OLM(Method):
+    """Online Logit Modulation with a ``LogitModulator`` over every head."""
+
+    def __init__(self, heads: Sequence[str], target: str = "rate", target_scale: str = "reference",
+                 reference_steps: int = 1, **options):
+        super().__init__(heads, **options)
+        self.name = "olm" if target == "rate" else "olm_loss_ratio"
+        self.modulator = LogitModulator(heads, target=target, target_scale=target_scale,
+                                        reference_steps=reference_steps)
+        self.needs_heldout = target == "rate"
+
+    def scale(self, logits):
+        return self.modulator.scale(logits)
+
+    def coefficient_parameters(self):
+        return [self.modulator.coefficients]
+
+    def coefficient_loss(self, logits, train_losses, heldout_losses=None):
+        return self.modulator.norm_loss(logits, train_losses, heldout_losses)
+
+    def coefficients(self):
+        return {h: float(w) for h, w in zip(self.heads, self.modulator.coefficients.detach().cpu())}
+
+    def diagnostics(self):
+        return dict(self.modulator.last)
+
+
+@register_method("olm")
+def olm(heads, target_scale="reference", **options):
+    return OLM(heads, target="rate", target_scale=target_scale, **options)
+
+
+@register_method("olm_loss_ratio")
+def olm_loss_ratio(heads, target_scale="reference", **options):
+    return OLM(heads, target="loss_ratio", target_scale=target_scale, **options)
+
+
+def build_method(name: str, heads: Sequence[str], **options) -> Method:
+    # Baselines live in their own module and register themselves on import.
+    try:
+        import engines.baselines  # noqa: F401
+    except ImportError:
+        pass
+    if name not in METHODS:
+        raise UserError(f"unknown method {name!r} (--method); choose one of: {', '.join(sorted(METHODS))}")
+    return METHODS[name](heads, **options)

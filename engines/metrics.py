@@ -1,0 +1,58 @@
+"""Per-head loss, accuracy, macro-F1 and mean logit norm, accumulated over batches."""
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Mapping
+
+import numpy as np
+import torch
+from sklearn.metrics import f1_score
+
+
+class HeadMetrics:
+    """Collects raw logits' predictions per head. Predictions use the raw logits z (never the
+    modulated ones): a coefficient driven to or below zero must not flip a prediction."""
+
+    def __init__(self, heads):
+        self.heads = tuple(heads)
+        self.predictions = defaultdict(list)
+        self.labels: list[np.ndarray] = []
+        self.loss_sums = defaultdict(float)
+        self.norm_sums = defaultdict(float)
+        self.count = 0
+
+    @torch.no_grad()
+    def update(self, logits: Mapping[str, torch.Tensor], labels: torch.Tensor,
+               losses: Mapping[str, torch.Tensor]) -> None:
+        batch = labels.shape[0]
+        self.labels.append(labels.detach().cpu().numpy())
+        for head in self.heads:
+            z = logits[head].detach().float()
+            self.predictions[head].append(z.argmax(dim=1).cpu().numpy())
+            self.loss_sums[head] += float(losses[head]) * batch
+            self.norm_sums[head] += float(z.norm(dim=1).sum())
+        self.count += batch
+
+    def merge_arrays(self):
+        """Labels and per-head predictions as flat arrays (the distributed helper gathers these)."""
+        labels = np.concatenate(self.labels) if self.labels else np.zeros(0, dtype=np.int64)
+        predictions = {h: np.concatenate(self.predictions[h]) if self.predictions[h]
+                       else np.zeros(0, dtype=np.int64) for h in self.heads}
+        return labels, predictions
+
+    def compute(self, labels=None, predictions=None, loss_sums=None, norm_sums=None, count=None):
+        if labels is None:
+            labels, predictions = self.merge_arrays()
+        loss_sums = loss_sums if loss_sums is not None else self.loss_sums
+        norm_sums = norm_sums if norm_sums is not None else self.norm_sums
+        count = count if count is not None else self.count
+        result = {}
+        for head in self.heads:
+            pred = predictions[head]
+            result[head] = {
+                "loss": loss_sums[head] / max(count, 1),
+                "acc": float((pred == labels).mean()) if labels.size else 0.0,
+                "f1": float(f1_score(labels, pred, average="macro", zero_division=0)) if labels.size else 0.0,
+                "norm": norm_sums[head] / max(count, 1),
+            }
+        return result

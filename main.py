@@ -1,0 +1,82 @@
+"""Train an audio-visual late-fusion model with OLM or a baseline; see README and --help.
+
+Example: python main.py --dataset AVDigits --method olm --fusion bilinear --epochs 10 --device cpu
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from config import build_parser, get_dataset_spec, resolve_config
+from utils.cli import run_cli
+
+
+def run(cfg) -> dict:
+    """Build data, model and method from ``cfg``, train, and return results.json's content."""
+    from datasets.builders import build_data
+    from engines.methods import build_method
+    from engines.trainer import fit, make_loaders
+    from models.late_fusion import LateFusionClassifier
+    from utils.device import resolve_device
+    from utils.run_dir import prepare_run_dir
+    from utils.seed import seed_everything
+
+    device = resolve_device(cfg.device)
+    spec = get_dataset_spec(cfg.dataset)
+    if spec.kind != "av":
+        raise_wrong_entry(spec.name)
+    method_probe = build_method(cfg.method, ("audio", "visual", "fusion"))  # fail fast on a bad name
+    del method_probe
+    data = build_data(cfg, spec)
+    seed_everything(cfg.seed)
+    model = LateFusionClassifier(len(data.class_names), data.modalities, cfg.fusion).to(device)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    steps_per_epoch = math.ceil(len(data.train) / cfg.batch_size)
+    method = build_method(cfg.method, model.heads, target_scale=cfg.target_scale,
+                          reference_steps=cfg.reference_steps or steps_per_epoch).to(device)
+    method.setup(model)
+    loaders = make_loaders(cfg, data, device, method.needs_heldout)
+    run_dir = prepare_run_dir(cfg, f"{spec.name}-{cfg.method}-{cfg.fusion}-s{cfg.seed}")
+    from utils.distributed_setup import wrap_model
+
+    results = fit(cfg, wrap_model(model, device), method, loaders, run_dir, device,
+                  extra_results={"classes": data.class_names, "run_dir": str(run_dir)})
+    return results
+
+
+def raise_wrong_entry(name: str):
+    from utils.errors import UserError
+
+    raise UserError(f"--dataset {name} holds feature sequences for the transformers; "
+                    "run main_trans.py (scripts/run_trans_logits_com.sh) instead")
+
+
+def main(argv=None) -> None:
+    parser = build_parser("Train a late-fusion audio-visual model with OLM or a baseline.")
+    cfg = resolve_config(parser.parse_args(argv))
+    from utils.distributed_setup import distributed_session
+
+    with distributed_session(cfg):
+        results = run(cfg)
+    from utils import distributed
+    if distributed.is_main():
+        from utils.report import summary_table
+
+        print(summary_table(results))
+        print(f"run folder: {results['run_dir']}")
+        if cfg.plots:
+            write_plots(results["run_dir"])
+
+
+def write_plots(run_dir: str) -> None:
+    try:
+        from utils.plot import plot_run
+    except ImportError:
+        return
+    plot_run(run_dir)
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,98 @@
+"""Late-fusion heads: a list of per-modality features (B, D_m) -> fusion logits (B, C)."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import nn
+
+FUSIONS = ("sum", "concat", "film", "gated", "attention", "bilinear")
+
+
+class SumFusion(nn.Module):
+    """Each modality gets its own linear classifier; the fusion logits are their sum."""
+
+    def __init__(self, dims: Sequence[int], num_classes: int):
+        super().__init__()
+        self.classifiers = nn.ModuleList(nn.Linear(d, num_classes) for d in dims)
+
+    def forward(self, features: Sequence[torch.Tensor]) -> torch.Tensor:
+        return sum(fc(f) for fc, f in zip(self.classifiers, features))
+
+
+class ConcatFusion(nn.Module):
+    def __init__(self, dims: Sequence[int], num_classes: int):
+        super().__init__()
+        self.classifier = nn.Linear(sum(dims), num_classes)
+
+    def forward(self, features: Sequence[torch.Tensor]) -> torch.Tensor:
+        return self.classifier(torch.cat(list(features), dim=1))
+
+
+class FiLMFusion(nn.Module):
+    """The first modality's features are scaled and shifted by the other modalities'."""
+
+    def __init__(self, dims: Sequence[int], num_classes: int):
+        super().__init__()
+        self.film = nn.Linear(sum(dims[1:]), 2 * dims[0])
+        self.classifier = nn.Linear(dims[0], num_classes)
+
+    def forward(self, features: Sequence[torch.Tensor]) -> torch.Tensor:
+        gamma, beta = self.film(torch.cat(list(features[1:]), dim=1)).chunk(2, dim=1)
+        return self.classifier(gamma * features[0] + beta)
+
+
+class GatedFusion(nn.Module):
+    """Per-modality projections mixed by sigmoid gates computed from all modalities."""
+
+    def __init__(self, dims: Sequence[int], num_classes: int, hidden: int = 512):
+        super().__init__()
+        self.projections = nn.ModuleList(nn.Linear(d, hidden) for d in dims)
+        self.gates = nn.Linear(sum(dims), len(dims))
+        self.classifier = nn.Linear(hidden, num_classes)
+
+    def forward(self, features: Sequence[torch.Tensor]) -> torch.Tensor:
+        gates = torch.sigmoid(self.gates(torch.cat(list(features), dim=1)))
+        projected = torch.stack([p(f) for p, f in zip(self.projections, features)], dim=1)
+        return self.classifier((gates.unsqueeze(-1) * projected).sum(dim=1))
+
+
+class AttentionFusion(nn.Module):
+    """Self-attention over one token per modality, then mean over the tokens."""
+
+    def __init__(self, dims: Sequence[int], num_classes: int, hidden: int = 512, num_heads: int = 8):
+        super().__init__()
+        self.projections = nn.ModuleList(nn.Linear(d, hidden) for d in dims)
+        self.attention = nn.MultiheadAttention(hidden, num_heads, batch_first=True)
+        self.norm = nn.LayerNorm(hidden)
+        self.classifier = nn.Linear(hidden, num_classes)
+
+    def forward(self, features: Sequence[torch.Tensor]) -> torch.Tensor:
+        tokens = torch.stack([p(f) for p, f in zip(self.projections, features)], dim=1)
+        attended, _ = self.attention(tokens, tokens, tokens, need_weights=False)
+        return self.classifier(self.norm(tokens + attended).mean(dim=1))
+
+
+class BilinearFusion(nn.Module):
+    """z = x1^T W x2 + b (the released default); defined for exactly two modalities."""
+
+    def __init__(self, dims: Sequence[int], num_classes: int):
+        super().__init__()
+        if len(dims) != 2:
+            raise ValueError(f"fusion 'bilinear' takes exactly two modalities, got {len(dims)}")
+        self.bilinear = nn.Bilinear(dims[0], dims[1], num_classes)
+
+    def forward(self, features: Sequence[torch.Tensor]) -> torch.Tensor:
+        return self.bilinear(features[0], features[1])
+
+
+_BUILDERS = {"sum": SumFusion, "concat": ConcatFusion, "film": FiLMFusion,
+             "gated": GatedFusion, "attention": AttentionFusion, "bilinear": BilinearFusion}
+
+
+def build_fusion(name: str, dims: Sequence[int], num_classes: int) -> nn.Module:
+    if name not in _BUILDERS:
+        raise ValueError(f"unknown fusion {name!r}; choose one of {', '.join(FUSIONS)}")
+    if len(dims) < 2:
+        raise ValueError("late fusion needs at least two modalities")
+    return _BUILDERS[name](list(dims), num_classes)

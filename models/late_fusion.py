@@ -1,0 +1,48 @@
+"""Audio-visual late-fusion classifier: one encoder and one linear head per modality, plus a
+fusion head. ``forward`` returns ``{"audio": ..., "visual": ..., "fusion": ...}``."""
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+import torch
+from torch import nn
+
+from models.fusion import build_fusion
+from models.resnet import FEATURE_DIM, AudioEncoder, VisualEncoder
+
+ENCODERS = {"audio": AudioEncoder, "visual": VisualEncoder}
+
+
+class LateFusionClassifier(nn.Module):
+    """Encoders per modality, a linear unimodal head each, and a fusion head.
+
+    ``detach_unimodal_heads``: when True the unimodal heads read detached features, so they
+    are read-outs that measure what each encoder learned without training it (the
+    ``fusion_only`` baseline sets this).
+    """
+
+    def __init__(self, num_classes: int, modalities: Sequence[str] = ("audio", "visual"),
+                 fusion: str = "bilinear", encoders: Mapping[str, nn.Module] | None = None,
+                 feature_dim: int = FEATURE_DIM):
+        super().__init__()
+        self.modalities = tuple(modalities)
+        if encoders is None:
+            unknown = [m for m in self.modalities if m not in ENCODERS]
+            if unknown:
+                raise ValueError(f"no default encoder for modalities {unknown}")
+            encoders = {m: ENCODERS[m]() for m in self.modalities}
+        self.encoders = nn.ModuleDict({m: encoders[m] for m in self.modalities})
+        self.unimodal_heads = nn.ModuleDict({m: nn.Linear(feature_dim, num_classes)
+                                             for m in self.modalities})
+        self.fusion = build_fusion(fusion, [feature_dim] * len(self.modalities), num_classes)
+        self.heads = (*self.modalities, "fusion")
+        self.detach_unimodal_heads = False
+
+    def forward(self, inputs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        features = {m: self.encoders[m](inputs[m]) for m in self.modalities}
+        logits = {}
+        for m in self.modalities:
+            f = features[m].detach() if self.detach_unimodal_heads else features[m]
+            logits[m] = self.unimodal_heads[m](f)
+        logits["fusion"] = self.fusion([features[m] for m in self.modalities])
+        return logits

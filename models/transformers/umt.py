@@ -1,0 +1,60 @@
+"""UMT: unified multimodal transformer with two-way pivot exchange.
+
+At every layer the pivot tokens first collect from each modality (pivots as
+queries; the per-modality collections are averaged), then each modality reads the
+updated pivots back (modality tokens as queries, residual), then each modality
+runs its own self-attention.
+"""
+
+import torch
+from torch import nn
+
+from models.transformers.base import MidFusionTransformer
+from models.transformers.blocks import (
+    ClassifierHead,
+    CrossAttentionLayer,
+    SelfAttentionLayer,
+    learned_tokens,
+)
+
+
+def _per_modality(modalities, layer_factory, num_layers):
+    return nn.ModuleList(
+        nn.ModuleDict({name: layer_factory() for name in modalities})
+        for _ in range(num_layers)
+    )
+
+
+class UMT(MidFusionTransformer):
+    def __init__(self, modalities, input_dims, num_classes, d_model=768, num_layers=3,
+                 num_heads=8, num_bottleneck=12, dropout=0.1, dim_feedforward=None):
+        super().__init__(modalities, input_dims, num_classes, d_model, num_layers,
+                         num_heads, dropout, dim_feedforward)
+        if num_bottleneck < 1:
+            raise ValueError(f"num_bottleneck must be at least 1, got {num_bottleneck}.")
+        self.num_pivots = num_bottleneck
+        self.pivots = learned_tokens(num_bottleneck, d_model)
+        kwargs = self.layer_kwargs()
+        self.collect_layers = _per_modality(
+            self.modalities, lambda: CrossAttentionLayer(**kwargs), num_layers)
+        self.read_back_layers = _per_modality(
+            self.modalities, lambda: CrossAttentionLayer(**kwargs), num_layers)
+        self.self_layers = _per_modality(
+            self.modalities, lambda: SelfAttentionLayer(**kwargs), num_layers)
+        self.fusion_head = ClassifierHead(d_model, num_classes)
+
+    def fuse(self, tokens, masks):
+        batch_size = tokens[self.modalities[0]].shape[0]
+        pivots = self.pivots.expand(batch_size, -1, -1)
+        pivot_mask = masks[self.modalities[0]].new_ones(batch_size, self.num_pivots)
+        for collect, read_back, self_attend in zip(
+                self.collect_layers, self.read_back_layers, self.self_layers):
+            pivots = torch.stack(
+                [collect[name](pivots, pivot_mask, tokens[name], masks[name])
+                 for name in self.modalities],
+                dim=0,
+            ).mean(dim=0)
+            for name in self.modalities:
+                tokens[name] = read_back[name](tokens[name], masks[name], pivots, pivot_mask)
+                tokens[name] = self_attend[name](tokens[name], masks[name])
+        return tokens, pivots.mean(dim=1)

@@ -1,0 +1,20 @@
+"""Entry-point wrapper: a user's mistake ends in one sentence and a non-zero exit."""
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Callable
+
+from utils.errors import UserError
+
+
+def run_cli(main: Callable[[], object]) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    try:
+        main()
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)

@@ -1,0 +1,255 @@
+"""The one implementation behind data/<DATASET>/video_preprocessing.py and mp4_to_wav.py.
+
+Finds the raw videos, skips clips whose output already exists (so a killed run resumes),
+fans the rest out over a process pool, and ends with a one-line summary plus a log of
+every failure and its reason in the dataset root.
+"""
+import argparse
+import csv
+import multiprocessing
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+from tqdm import tqdm
+
+from utils.media import (AUDIO_SAMPLE_RATE, FRAME_METHODS, POOL_DECODER_THREADS, MediaError,
+                         extract_audio, extract_frames, frames_dir_name, find_ffmpeg)
+
+
+def first_field(line):
+    """`clip,label,...` split lines (CREMA-D, Kinetics-Sounds) name the clip first."""
+    return line.split(",", 1)[0].strip() or None
+
+
+def ave_clip(line):
+    """AVE lines are `Category&VideoID&Quality&Start&End`; the header says `VideoID`."""
+    fields = line.split("&")
+    if len(fields) < 2 or fields[1].strip() in ("", "VideoID"):
+        return None
+    return fields[1].strip()
+
+
+def vggsound_clip(line):
+    """VGGSound rows `ytid,start,label,split` name the file `<ytid>_<start:06d>.mp4`."""
+    fields = next(csv.reader([line]))
+    if len(fields) < 2 or not fields[1].strip().isdigit():
+        return None  # header row
+    return f"{fields[0].strip()}_{int(fields[1]):06d}"
+
+
+@dataclass(frozen=True)
+class DatasetLayout:
+    name: str
+    video_suffix: str
+    clip_from_split_line: Callable[[str], Optional[str]]
+    # Where the raw videos live inside --root when --video-dir is not given (CREMA-D only).
+    default_video_subdir: Optional[str] = None
+
+
+LAYOUTS = {
+    "CREMAD": DatasetLayout("CREMA-D", ".flv", first_field, default_video_subdir="VideoFlash"),
+    "AVE": DatasetLayout("AVE", ".mp4", ave_clip),
+    "KineticSound": DatasetLayout("Kinetics-Sounds", ".mp4", first_field),
+    "VGGSound": DatasetLayout("VGGSound", ".mp4", vggsound_clip),
+}
+
+
+def _positive_int(text):
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def build_parser(layout, task):
+    video_help = (f"folder searched recursively for raw *{layout.video_suffix} videos"
+                  + (f" (default: <root>/{layout.default_video_subdir})"
+                     if layout.default_video_subdir else ""))
+    parser = argparse.ArgumentParser(
+        description=(f"{layout.name}: " + ("keep --fps frames per second of every video as JPEGs "
+                     "in <root>/Image-NN-FPS/<clip>/" if task == "frames" else
+                     "extract every video's audio as <root>/audio/<clip>.wav (16 kHz mono)")
+                     + ". Finished clips are skipped, so rerunning resumes."))
+    parser.add_argument("--root", required=True, type=Path,
+                        help="dataset root; outputs and the failure log are written here")
+    parser.add_argument("--video-dir", type=Path, required=layout.default_video_subdir is None,
+                        help=video_help)
+    parser.add_argument("--split-file", type=Path, nargs="+", default=None,
+                        help="only process the clips named in these split files")
+    parser.add_argument("--workers", type=_positive_int, default=os.cpu_count() or 1,
+                        help="processes working in parallel (default: all cores)")
+    if task == "frames":
+        parser.add_argument("--fps", type=_positive_int, default=1,
+                            help="frames kept per second of video (default: 1)")
+        parser.add_argument("--method", choices=FRAME_METHODS, default="auto",
+                            help="how skipped frames are passed over: seek, grab, or auto "
+                                 "(picks per clip from its keyframe spacing; default)")
+    else:
+        parser.add_argument("--sample-rate", type=_positive_int, default=AUDIO_SAMPLE_RATE,
+                            help=f"output sample rate in Hz (default: {AUDIO_SAMPLE_RATE})")
+    return parser
+
+
+def find_videos(video_dir, suffix):
+    """clip name -> path; a clip name found twice is returned separately as a failure."""
+    videos, duplicates = {}, []
+    for path in sorted(video_dir.rglob("*")):
+        if path.suffix.lower() != suffix or path.name.startswith(".") or not path.is_file():
+            continue
+        if path.stem in videos:
+            duplicates.append((path.stem, str(path), f"duplicate clip name, already taken "
+                                                     f"by {videos[path.stem]}"))
+        else:
+            videos[path.stem] = path
+    return videos, duplicates
+
+
+def read_split_clips(split_files, layout):
+    clips = []
+    for split_file in split_files:
+        if not split_file.is_file():
+            raise SystemExit(f"--split-file {split_file} does not exist.")
+        for line in split_file.read_text(encoding="utf-8", errors="replace").splitlines():
+            clip = layout.clip_from_split_line(line) if line.strip() else None
+            if clip:
+                clips.append(clip)
+    return list(dict.fromkeys(clips))
+
+
+def _frames_job(job):
+    clip, video, out_dir, fps, method, decoder_threads = job
+    try:
+        extract_frames(video, out_dir, fps=fps, method=method, decoder_threads=decoder_threads)
+        return clip, None
+    except MediaError as error:
+        return clip, str(error)
+    except Exception as error:  # a decoder crash on one odd file must not stop the run
+        return clip, f"{type(error).__name__}: {error}"
+
+
+def _audio_job(job):
+    clip, video, wav_path, sample_rate, ffmpeg = job
+    try:
+        extract_audio(video, wav_path, sample_rate=sample_rate, ffmpeg=ffmpeg)
+        return clip, None
+    except MediaError as error:
+        return clip, str(error)
+    except Exception as error:
+        return clip, f"{type(error).__name__}: {error}"
+
+
+def _init_worker():
+    import cv2
+    cv2.setNumThreads(1)  # the pool is the parallelism; nested threads only contend
+
+
+def run_jobs(worker, jobs, workers, description):
+    """Yield (clip, failure reason or None) for every job, in completion order."""
+    bar = tqdm(total=len(jobs), desc=description, unit="clip", dynamic_ncols=True)
+    try:
+        if workers <= 1 or len(jobs) <= 1:
+            for job in jobs:
+                yield worker(job)
+                bar.update()
+            return
+        workers = min(workers, len(jobs))
+        chunk = max(1, min(16, len(jobs) // (workers * 8)))
+        # fork is cheap and safe here: the parent never touched OpenCV or its threads.
+        method = "fork" if "fork" in multiprocessing.get_all_start_methods() else None
+        with multiprocessing.get_context(method).Pool(workers, _init_worker) as pool:
+            for result in pool.imap_unordered(worker, jobs, chunksize=chunk):
+                yield result
+                bar.update()
+    finally:
+        bar.close()
+
+
+def _write_failure_log(log_path, script, failures):
+    with open(log_path, "w", encoding="utf-8") as log:
+        log.write(f"# {script} on {time.strftime('%Y-%m-%d %H:%M:%S')}: "
+                  f"{len(failures)} failed clip(s); columns: clip, video, reason\n")
+        for clip, video, reason in sorted(failures):
+            log.write(f"{clip}\t{video}\t{reason}\n")
+
+
+def run(layout, task, argv=None):
+    """Run one preprocessing task (`frames` or `audio`); return the process exit code."""
+    script = "video_preprocessing" if task == "frames" else "mp4_to_wav"
+    args = build_parser(layout, task).parse_args(argv)
+    root = args.root
+    video_dir = args.video_dir or root / layout.default_video_subdir
+    if not video_dir.is_dir():
+        flag = "--video-dir" if args.video_dir else "--root"
+        raise SystemExit(f"{flag}: video folder {video_dir} does not exist.")
+    if root.exists() and not root.is_dir():
+        raise SystemExit(f"--root {root} is a file, not a folder.")
+
+    videos, failures = find_videos(video_dir, layout.video_suffix)
+    clips = sorted(videos)
+    if args.split_file:
+        clips = read_split_clips(args.split_file, layout)
+        failures += [(clip, "-", f"listed in --split-file but no {clip}{layout.video_suffix} "
+                                 f"under {video_dir}") for clip in clips if clip not in videos]
+        clips = [clip for clip in clips if clip in videos]
+    if not clips:
+        raise SystemExit(f"--video-dir: no *{layout.video_suffix} videos to process under "
+                         f"{video_dir}" + (" for the given --split-file." if args.split_file
+                                           else "."))
+
+    decoder_threads = POOL_DECODER_THREADS if args.workers > 1 else None
+    if task == "frames":
+        out_dir = root / frames_dir_name(args.fps)
+        outputs = {clip: out_dir / clip for clip in clips}
+        make_job = lambda clip: (clip, str(videos[clip]), str(outputs[clip]), args.fps,
+                                 args.method, decoder_threads)
+        worker = _frames_job
+    else:
+        out_dir = root / "audio"
+        outputs = {clip: out_dir / f"{clip}.wav" for clip in clips}
+        try:
+            ffmpeg = find_ffmpeg()
+        except MediaError as error:
+            raise SystemExit(f"{error}.")
+        make_job = lambda clip: (clip, str(videos[clip]), str(outputs[clip]),
+                                 args.sample_rate, ffmpeg)
+        worker = _audio_job
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    todo = [clip for clip in clips if not outputs[clip].exists()]
+    already = len(clips) - len(todo)
+    done = 0
+    try:
+        for clip, reason in run_jobs(worker, [make_job(c) for c in todo], args.workers,
+                                     f"{layout.name} {script}"):
+            if reason is None:
+                done += 1
+            else:
+                failures.append((clip, str(videos[clip]), reason))
+    except KeyboardInterrupt:
+        raise SystemExit(f"Interrupted after {done} new clip(s); finished clips are kept, "
+                         "rerun the same command to resume.")
+
+    log_path = root / f"{script}_failures.log"
+    print(f"{layout.name} {script}: {done} done, {already} already there, "
+          f"{len(failures)} failed; output in {out_dir}")
+    if failures:
+        _write_failure_log(log_path, f"data/{layout_key(layout)}/{script}.py", failures)
+        print(f"Failure reasons: {log_path}")
+    elif log_path.exists():
+        log_path.unlink()  # the log describes the latest run only
+    if done == 0 and already == 0:
+        print("Nothing could be processed.")
+        return 1
+    return 0
+
+
+def layout_key(layout):
+    return next(key for key, value in LAYOUTS.items() if value is layout)
+
+
+def main(dataset, task, argv=None):
+    """Entry point for the thin data/<dataset>/*.py scripts."""
+    raise SystemExit(run(LAYOUTS[dataset], task, argv))
