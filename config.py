@@ -67,6 +67,32 @@ register_dataset(DatasetSpec(
     defaults=dict(fusion="bilinear", batch_size=64, lr=1e-3, image_size=32, augment=False,
                   sample_rate=8000, audio_seconds=1.0, n_fft=126, hop_length=125, spec_frames=64)))
 
+# Feature-sequence datasets for the mid-fusion transformers (main_trans.py). The transformers'
+# released optimisers: network and coefficients both Adam 1e-4, weight decay 2e-4.
+register_dataset(DatasetSpec(
+    "MERMULTI", "datasets.mer:build_mer", kind="mer", classes=6,
+    defaults=dict(lr=1e-4, weight_decay=2e-4, coef_lr=1e-4, coef_weight_decay=2e-4, batch_size=64,
+                  feature_dim=1024, folds=5)))
+# AV-Digits turned into feature sequences: sized so that every model type runs two folds on
+# a 2-core CPU within minutes (measured in docs/olm_trans.md).
+register_dataset(DatasetSpec(
+    "AVDigitsFeatures", "datasets.mer_avdigits:build_avdigits_features", kind="mer", classes=10,
+    defaults=dict(lr=1e-3, weight_decay=2e-4, coef_lr=1e-3, coef_weight_decay=0.0, batch_size=64,
+                  epochs=6, d_model=64, num_layers=2, num_heads=4, num_bottleneck=4, dropout=0.1,
+                  folds=5, max_folds=2, audio_feature="logmel-40", visual_feature="patches-8x8",
+                  text_feature="noisy-tokens")))
+
+# The real sets, as data/<NAME>/ preprocessing lays them out (loaders: datasets/real_av.py).
+# ``classes`` is the released count; the loaders take the classes from the training clips.
+register_dataset(DatasetSpec("CREMAD", "datasets.real_av:build_cremad", classes=6,
+                             defaults=dict(RELEASED_AV)))
+register_dataset(DatasetSpec("AVE", "datasets.real_av:build_ave", classes=28,
+                             defaults=dict(RELEASED_AV)))
+register_dataset(DatasetSpec("KineticSound", "datasets.real_av:build_kinetics_sounds", classes=31,
+                             defaults=dict(RELEASED_AV)))
+register_dataset(DatasetSpec("VGGSound", "datasets.real_av:build_vggsound", classes=309,
+                             defaults=dict(RELEASED_AV)))
+
 
 def get_dataset_spec(name: str) -> DatasetSpec:
     spec = DATASETS.get(name.lower())
@@ -120,6 +146,22 @@ class Config:
     resume: str | None = None
     progress: bool = True
     plots: bool = True
+    # --- mid fusion (main_trans.py): transformer, modalities, cross-validation, feature files ---
+    model_type: str = "emt"          # emt, mbt, umt or ca
+    modalities: str = "audio,visual"  # or audio,visual,text
+    d_model: int = 768
+    num_layers: int = 3
+    num_heads: int = 8
+    num_bottleneck: int = 12         # MBT bottleneck / EMT and UMT pivot tokens
+    dropout: float = 0.1
+    folds: int = 5
+    max_folds: int = 0               # run only the first N folds (0: all)
+    fold_seed: int = 0               # fixes the fold assignment whatever --seed is
+    label_file: str | None = None    # a .npz here is read with pickle: only a user-named file
+    audio_feature: str = "chinese-hubert-large-FRA"
+    visual_feature: str = "manet_FRA"
+    text_feature: str = "chinese-macbert-large-4-FRA"
+    feature_dim: int = 0             # width of every feature file (0: infer per modality)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -181,10 +223,20 @@ def resolve_config(args: argparse.Namespace) -> Config:
         unknown = set(from_file) - {f.name for f in dataclasses.fields(Config)}
         if unknown:
             raise UserError(f"--config {config_file} has unknown keys: {', '.join(sorted(unknown))}")
-    dataset = values.get("dataset", from_file.get("dataset", Config.dataset))
+    # A resumed run starts from the options saved in its checkpoint; flags still override.
+    resume = values.get("resume", from_file.get("resume"))
+    saved = resumed_options(resume) if resume else {}
+    dataset = values.get("dataset", from_file.get("dataset", saved.get("dataset", Config.dataset)))
     spec = get_dataset_spec(dataset)
-    merged = {**spec.defaults, **from_file, **values, "dataset": spec.name}
+    merged = {**spec.defaults, **saved, **from_file, **values, "dataset": spec.name}
     return Config(**merged)
+
+
+def resumed_options(resume: str) -> dict[str, Any]:
+    from utils.checkpoint import saved_config
+
+    names = {f.name for f in dataclasses.fields(Config)}
+    return {k: v for k, v in saved_config(resume).items() if k in names}
 
 
 def load_config_dict(values: dict[str, Any]) -> Config:

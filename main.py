@@ -39,9 +39,8 @@ def run(cfg) -> dict:
     method.setup(model)
     loaders = make_loaders(cfg, data, device, method.needs_heldout)
     run_dir = prepare_run_dir(cfg, f"{spec.name}-{cfg.method}-{cfg.fusion}-s{cfg.seed}")
-    from utils.distributed_setup import wrap_model
-
-    results = fit(cfg, wrap_model(model, device), method, loaders, run_dir, device,
+    # fit() wraps the model in DDP under torchrun (it knows which parameters the method trains).
+    results = fit(cfg, model, method, loaders, run_dir, device,
                   extra_results={"classes": data.class_names, "run_dir": str(run_dir)})
     return results
 

@@ -63,25 +63,28 @@ def resolve_params(seed=DEFAULT_SEED, audio_snr_db=DEFAULT_AUDIO_SNR_DB,
                    frames_per_clip=DEFAULT_FRAMES_PER_CLIP,
                    image_size=DEFAULT_IMAGE_SIZE, split=DEFAULT_SPLIT) -> dict:
     """Validate the knobs and return them as plain JSON types (audio_snr_db None = clean)."""
-    if int(seed) != seed or seed < 0:
-        raise AVDigitsError(f"seed must be a non-negative integer, got {seed!r}.")
+    def check(knob, value, wanted, predicate):
+        try:
+            ok = bool(predicate(value))
+        except (TypeError, ValueError):
+            ok = False
+        if not ok:
+            raise AVDigitsError(f"AV-Digits knob {knob} must be {wanted}, got {value!r}.")
+
+    check("seed", seed, "a non-negative integer", lambda v: int(v) == v and v >= 0)
     if audio_snr_db is not None:
-        if len(audio_snr_db) != 2 or not np.all(np.isfinite(audio_snr_db)) \
-                or audio_snr_db[0] > audio_snr_db[1]:
-            raise AVDigitsError(
-                f"audio_snr_db must be None or a finite (low, high) pair, got {audio_snr_db!r}.")
+        check("audio_snr_db", audio_snr_db, "None or a finite (low, high) pair in dB",
+              lambda v: len(v) == 2 and np.all(np.isfinite(np.asarray(v, dtype=float)))
+              and v[0] <= v[1])
         audio_snr_db = [float(audio_snr_db[0]), float(audio_snr_db[1])]
-    if not visual_noise_std >= 0:
-        raise AVDigitsError(f"visual_noise_std must be >= 0, got {visual_noise_std!r}.")
-    if not 0 <= visual_occlusion < 1:
-        raise AVDigitsError(f"visual_occlusion must be in [0, 1), got {visual_occlusion!r}.")
-    if int(frames_per_clip) != frames_per_clip or not 1 <= frames_per_clip <= 99999:
-        raise AVDigitsError(f"frames_per_clip must be an integer >= 1, got {frames_per_clip!r}.")
-    if int(image_size) != image_size or image_size < NATIVE_SIZE:
-        raise AVDigitsError(f"image_size must be an integer >= {NATIVE_SIZE}, got {image_size!r}.")
-    if len(split) != 3 or min(split) <= 0 or abs(sum(split) - 1) > 1e-6:
-        raise AVDigitsError(
-            f"split must be three positive fractions (train, val, test) summing to 1, got {split!r}.")
+    check("visual_noise_std", visual_noise_std, ">= 0", lambda v: v >= 0)
+    check("visual_occlusion", visual_occlusion, "in [0, 1)", lambda v: 0 <= v < 1)
+    check("frames_per_clip", frames_per_clip, "an integer from 1 to 99999",
+          lambda v: int(v) == v and 1 <= v <= 99999)
+    check("image_size", image_size, f"an integer >= {NATIVE_SIZE}",
+          lambda v: int(v) == v and v >= NATIVE_SIZE)
+    check("split", split, "three positive fractions (train, val, test) summing to 1",
+          lambda v: len(v) == 3 and min(v) > 0 and abs(sum(v) - 1) < 1e-6)
     return {"seed": int(seed), "audio_snr_db": audio_snr_db,
             "visual_noise_std": float(visual_noise_std),
             "visual_occlusion": float(visual_occlusion),
@@ -253,8 +256,9 @@ def build_into(folder: Path, params: dict, clips: list, fingerprint: str, skippe
                               params["visual_occlusion"], params["frames_per_clip"],
                               params["image_size"])
         for frame_index, view in enumerate(views):
-            cv2.imwrite(str(clip_frames / f"{frame_index:05d}.jpg"), view,
-                        [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY])
+            frame_path = clip_frames / f"{frame_index:05d}.jpg"
+            if not cv2.imwrite(str(frame_path), view, [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY]):
+                raise AVDigitsError(f"could not write {frame_path} (is the disk full?).")
         split_lines[split_name].append(f"{name},{label}\n")
         meta_rows.append([name, label, split_name, index, clip["voice"], clip["file"],
                           "" if snr_db is None else f"{snr_db:.3f}"])

@@ -19,6 +19,7 @@ from tqdm import tqdm
 from engines.metrics import HeadMetrics
 from engines.methods import Method
 from utils import distributed
+from utils.errors import UserError
 
 
 class NonFiniteLoss(RuntimeError):
@@ -75,10 +76,23 @@ def head_losses(logits: Mapping[str, torch.Tensor], labels: torch.Tensor, heads)
     return {h: F.cross_entropy(logits[h].float(), labels) for h in heads}
 
 
+def next_readable(heldout_iter, ctx: StepContext, attempts: int = 100):
+    """The next held-out batch with at least one readable sample (unreadable ones are counted)."""
+    for _ in range(attempts):
+        inputs, labels, skipped = next(heldout_iter)
+        ctx.skipped_samples += skipped
+        if inputs is not None:
+            return inputs, labels, 0
+    raise UserError(f"{attempts} held-out (validation) batches in a row had no readable sample; "
+                    "check the validation split's files")
+
+
 def heldout_losses(model, method: Method, batch, ctx: StepContext) -> dict[str, torch.Tensor]:
     """Per-head CE of the modulated logits on one held-out batch, in eval mode, no grad;
-    BatchNorm statistics and dropout are left as they were."""
+    BatchNorm statistics and dropout are left as they were. Under DDP the bare module runs
+    (a no-grad forward needs no gradient sync), then the losses are averaged over ranks."""
     inputs, labels, _ = batch
+    model = distributed.unwrap(model)
     was_training = model.training
     model.eval()
     try:
@@ -88,7 +102,8 @@ def heldout_losses(model, method: Method, batch, ctx: StepContext) -> dict[str, 
             losses = head_losses(scaled, labels.to(ctx.device), method.heads)
     finally:
         model.train(was_training)
-    return {h: distributed.all_reduce_mean(v.detach()) for h, v in losses.items()}
+    stacked = distributed.all_reduce_mean(torch.stack([losses[h].detach() for h in method.heads]))
+    return dict(zip(method.heads, stacked))
 
 
 class DiagnosticMeans:
@@ -116,7 +131,9 @@ def train_step(model, method: Method, batch, heldout_iter, ctx: StepContext, met
                diagnostics: DiagnosticMeans) -> None:
     inputs, labels, skipped = batch
     ctx.skipped_samples += skipped
-    if inputs is None:
+    # Under DDP every rank must run the same steps, so a batch with nothing readable on one
+    # rank skips that step everywhere.
+    if distributed.any_rank(inputs is None):
         return
     inputs, labels = to_device(inputs, ctx), labels.to(ctx.device, non_blocking=True)
     optimizers = [o for o in (ctx.network_optimizer, ctx.coefficient_optimizer) if o is not None]
@@ -127,36 +144,55 @@ def train_step(model, method: Method, batch, heldout_iter, ctx: StepContext, met
         logits = model(inputs)
     losses = head_losses(method.scale(logits), labels, method.heads)
     loss = method.network_loss(losses)
-    if not torch.isfinite(loss.detach()):
-        raise NonFiniteLoss(f"the training loss became {float(loss)} at step {ctx.step}")
-    (ctx.scaler.scale(loss) if ctx.scaler else loss).backward()
-    if ctx.scaler:  # unscale now: the coefficient loss below adds unscaled gradients to w
-        for optimizer in optimizers:
-            ctx.scaler.unscale_(optimizer)
-    method.after_backward(model, logits, labels)
+    # One reduction gives OLM identical statistics on every rank and lets all ranks stop
+    # together when any of them sees a non-finite loss.
+    reduced = distributed.all_reduce_mean(torch.stack([*(losses[h].detach() for h in method.heads),
+                                                       loss.detach().float()]))
+    if not bool(torch.isfinite(reduced).all()):
+        raise NonFiniteLoss(f"the training loss became {float(reduced[-1])} at step {ctx.step}")
+    train_reduced = dict(zip(method.heads, reduced[:-1]))
+    coefficients = method.coefficient_parameters()
 
-    if method.coefficient_parameters():
+    (ctx.scaler.scale(loss) if ctx.scaler else loss).backward()
+    if ctx.scaler:
+        # Unscale now: gradient-modulating methods read true gradients, and the coefficient
+        # loss below adds an unscaled gradient to w. The scaler drives the network optimizer
+        # only; w's share of the scaled loss is unscaled here by hand.
+        ctx.scaler.unscale_(ctx.network_optimizer)
+        inverse_scale = 1.0 / ctx.scaler.get_scale()
+        for parameter in coefficients:
+            if parameter.grad is not None:
+                parameter.grad.mul_(inverse_scale)
+    method.after_backward(distributed.unwrap(model), logits, labels)
+
+    if coefficients:
         heldout = None
         if method.needs_heldout:
             if ctx.step % ctx.heldout_every == 0 or not ctx.heldout_cache:
-                ctx.heldout_cache = heldout_losses(model, method, next(heldout_iter), ctx)
+                ctx.heldout_cache = heldout_losses(model, method, next_readable(heldout_iter, ctx), ctx)
             heldout = ctx.heldout_cache
-        train_detached = {h: distributed.all_reduce_mean(v.detach()) for h, v in losses.items()}
-        coefficient_loss = method.coefficient_loss(logits, train_detached, heldout)
+        coefficient_loss = method.coefficient_loss(logits, train_reduced, heldout)
         if coefficient_loss is not None:
             coefficient_loss.backward()
-            for parameter in method.coefficient_parameters():
-                if parameter.grad is not None:  # keep coefficients identical on every rank
-                    parameter.grad.copy_(distributed.all_reduce_mean(parameter.grad))
+        for parameter in coefficients:
+            if parameter.grad is not None:  # DDP does not see w: average it here, as DDP would
+                parameter.grad.copy_(distributed.all_reduce_mean(parameter.grad))
         diagnostics.add(method.diagnostics())
 
-    for optimizer in optimizers:
-        if ctx.scaler:
-            ctx.scaler.step(optimizer)
-        else:
-            optimizer.step()
+    step_coefficients = ctx.coefficient_optimizer is not None
     if ctx.scaler:
+        scale_before = ctx.scaler.get_scale()
+        ctx.scaler.step(ctx.network_optimizer)
         ctx.scaler.update()
+        # The scale drops exactly when the scaler found inf/NaN gradients and skipped the
+        # network step; w skips it too (the decision is the same on every rank).
+        step_coefficients = step_coefficients and ctx.scaler.get_scale() >= scale_before
+    else:
+        ctx.network_optimizer.step()
+    if step_coefficients:
+        if not all(bool(torch.isfinite(p.grad).all()) for p in coefficients if p.grad is not None):
+            raise NonFiniteLoss(f"the OLM coefficient gradient became non-finite at step {ctx.step}")
+        ctx.coefficient_optimizer.step()
     ctx.step += 1
     metrics.update(logits, labels, losses)
 
@@ -176,7 +212,9 @@ def train_one_epoch(model, method: Method, loader, heldout_iter, ctx: StepContex
 
 @torch.no_grad()
 def evaluate(model, loader, heads, ctx: StepContext, desc: str = "eval") -> HeadMetrics:
-    """Raw-logit metrics of ``model`` on ``loader`` (eval mode)."""
+    """Raw-logit metrics of ``model`` on ``loader`` (eval mode). Under DDP the bare module runs:
+    ranks may hold different numbers of batches, so no collective may happen in this loop."""
+    model = distributed.unwrap(model)
     was_training = model.training
     model.eval()
     metrics = HeadMetrics(heads)

@@ -1,24 +1,76 @@
-"""Checkpoint files: written atomically, loadable with ``torch.load(weights_only=True)``."""
+"""Checkpoint files: written atomically, loadable with ``torch.load(weights_only=True)``.
+
+A checkpoint holds only tensors, numbers, strings and containers of them (no pickled
+objects), so loading one never runs code from the file.
+"""
 from __future__ import annotations
 
 import os
+import pickle
 import random
+import zipfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from utils.errors import UserError
+
 
 def save_atomic(payload: dict, path: Path) -> None:
-    """Write to a temporary file and rename, so a kill mid-write never leaves a broken file."""
+    """Write to a temporary file and rename, so a kill mid-write never leaves a broken file;
+    temporaries that killed writers left behind are removed after a successful write."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    torch.save(payload, tmp)
+    with open(tmp, "wb") as handle:
+        torch.save(payload, handle)
+        handle.flush()
+        os.fsync(handle.fileno())  # the rename must not reach the disk before the data
     os.replace(tmp, path)
+    for stale in path.parent.glob(f".{path.name}.tmp-*"):
+        stale.unlink(missing_ok=True)
 
 
-def load_checkpoint(path: Path, map_location="cpu") -> dict:
-    return torch.load(Path(path), map_location=map_location, weights_only=True)
+def remove_stale_temporaries(run_dir: Path) -> None:
+    """Delete temporary checkpoint files a killed run left in ``run_dir``."""
+    for stale in Path(run_dir).glob(".*.pt.tmp-*"):
+        stale.unlink(missing_ok=True)
+
+
+def load_checkpoint(path: Path, map_location="cpu", mmap: bool = False) -> dict:
+    """The payload of a checkpoint; a truncated or foreign file is a user error naming it."""
+    path = Path(path)
+    try:
+        payload = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+    except FileNotFoundError:
+        raise UserError(f"checkpoint {path} does not exist") from None
+    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError) as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise UserError(f"checkpoint {path} cannot be read ({first_line[:160]}); "
+                        "it is truncated or not a checkpoint of this project") from None
+    if not isinstance(payload, dict) or "model" not in payload:
+        raise UserError(f"checkpoint {path} is not a checkpoint of this project (no model state)")
+    return payload
+
+
+def resume_path(resume: str) -> Path:
+    """``--resume`` names a run folder (its last.pt) or a checkpoint file."""
+    path = Path(resume).expanduser()
+    if path.is_dir():
+        path = path / "last.pt"
+    if not path.is_file():
+        raise UserError(f"--resume {resume}: no checkpoint found (expected a run folder with last.pt or a .pt file)")
+    return path
+
+
+def saved_config(resume: str) -> dict:
+    """The run options stored in the checkpoint ``--resume`` names, without the ones that
+    say where this run writes (those come from the command line)."""
+    payload = load_checkpoint(resume_path(resume), mmap=True)
+    config = dict(payload.get("config") or {})
+    for key in ("resume", "out"):
+        config.pop(key, None)
+    return config
 
 
 def rng_state() -> dict:
@@ -40,5 +92,5 @@ def restore_rng_state(state: dict) -> None:
     kind, pos, has_gauss, gauss = state["numpy_meta"]
     np.random.set_state((kind, state["numpy_keys"].numpy().astype(np.uint32), pos, has_gauss, gauss))
     random.setstate((3, tuple(state["python"]), state["python_gauss"]))
-    if "cuda" in state and torch.cuda.is_available():
+    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(state["cuda"])

@@ -146,9 +146,10 @@ def _init_worker():
     cv2.setNumThreads(1)  # the pool is the parallelism; nested threads only contend
 
 
-def run_jobs(worker, jobs, workers, description):
+def run_jobs(worker, jobs, workers, description, quiet=False):
     """Yield (clip, failure reason or None) for every job, in completion order."""
-    bar = tqdm(total=len(jobs), desc=description, unit="clip", dynamic_ncols=True)
+    bar = tqdm(total=len(jobs), desc=description, unit="clip", dynamic_ncols=True,
+               disable=quiet)
     try:
         if workers <= 1 or len(jobs) <= 1:
             for job in jobs:
@@ -157,9 +158,9 @@ def run_jobs(worker, jobs, workers, description):
             return
         workers = min(workers, len(jobs))
         chunk = max(1, min(16, len(jobs) // (workers * 8)))
-        # fork is cheap and safe here: the parent never touched OpenCV or its threads.
-        method = "fork" if "fork" in multiprocessing.get_all_start_methods() else None
-        with multiprocessing.get_context(method).Pool(workers, _init_worker) as pool:
+        # Not fork: a child forked from a parent that already used OpenCV (tests, the
+        # benchmark) can inherit a held decoder lock and hang forever.
+        with multiprocessing.get_context("spawn").Pool(workers, _init_worker) as pool:
             for result in pool.imap_unordered(worker, jobs, chunksize=chunk):
                 yield result
                 bar.update()

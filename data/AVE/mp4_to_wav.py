@@ -1,6 +1,8 @@
-"""AVE: extract every video's audio as <root>/audio/<clip>.wav (16 kHz mono PCM16).
+"""AVE: extract every video's audio
+as <root>/audio/<clip>.wav (16 kHz mono PCM16).
 
-Usage: python data/AVE/mp4_to_wav.py --video-dir AVE_Dataset/AVE --root AVE_Dataset
+Usage:
+    python data/AVE/mp4_to_wav.py --video-dir AVE_Dataset/AVE --root AVE_Dataset
 (--help lists every flag; rerunning skips finished clips.)
 """
 import sys

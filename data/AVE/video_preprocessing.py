@@ -1,6 +1,8 @@
-"""AVE: keep --fps frames per second of every video as <root>/Image-01-FPS/<clip>/00000.jpg, ...
+"""AVE: keep --fps frames per second of every video
+as JPEGs in <root>/Image-NN-FPS/<clip>/ (Image-01-FPS at the default --fps 1).
 
-Usage: python data/AVE/video_preprocessing.py --video-dir AVE_Dataset/AVE --root AVE_Dataset
+Usage:
+    python data/AVE/video_preprocessing.py --video-dir AVE_Dataset/AVE --root AVE_Dataset
 (--help lists every flag; rerunning skips finished clips.)
 """
 import sys

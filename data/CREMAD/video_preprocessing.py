@@ -1,6 +1,8 @@
-"""CREMA-D: keep --fps frames per second of every video as <root>/Image-01-FPS/<clip>/00000.jpg, ...
+"""CREMA-D: keep --fps frames per second of every video
+as JPEGs in <root>/Image-NN-FPS/<clip>/ (Image-01-FPS at the default --fps 1).
 
-Usage: python data/CREMAD/video_preprocessing.py --root CREMA-D
+Usage:
+    python data/CREMAD/video_preprocessing.py --root CREMA-D
 (--help lists every flag; rerunning skips finished clips.)
 """
 import sys

@@ -1,6 +1,8 @@
-"""Kinetics-Sounds: extract every video's audio as <root>/audio/<clip>.wav (16 kHz mono PCM16).
+"""Kinetics-Sounds: extract every video's audio
+as <root>/audio/<clip>.wav (16 kHz mono PCM16).
 
-Usage: python data/KineticSound/mp4_to_wav.py --video-dir kinetics_sounds/videos --root kinetics_sounds
+Usage:
+    python data/KineticSound/mp4_to_wav.py --video-dir ks/videos --root ks
 (--help lists every flag; rerunning skips finished clips.)
 """
 import sys

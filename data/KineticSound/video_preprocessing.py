@@ -1,6 +1,8 @@
-"""Kinetics-Sounds: keep --fps frames per second of every video as <root>/Image-01-FPS/<clip>/00000.jpg, ...
+"""Kinetics-Sounds: keep --fps frames per second of every video
+as JPEGs in <root>/Image-NN-FPS/<clip>/ (Image-01-FPS at the default --fps 1).
 
-Usage: python data/KineticSound/video_preprocessing.py --video-dir kinetics_sounds/videos --root kinetics_sounds
+Usage:
+    python data/KineticSound/video_preprocessing.py --video-dir ks/videos --root ks
 (--help lists every flag; rerunning skips finished clips.)
 """
 import sys

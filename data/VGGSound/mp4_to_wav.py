@@ -1,6 +1,8 @@
-"""VGGSound: extract every video's audio as <root>/audio/<clip>.wav (16 kHz mono PCM16).
+"""VGGSound: extract every video's audio
+as <root>/audio/<clip>.wav (16 kHz mono PCM16).
 
-Usage: python data/VGGSound/mp4_to_wav.py --video-dir vggsound/video --root vggsound
+Usage:
+    python data/VGGSound/mp4_to_wav.py --video-dir vggsound/video --root vggsound
 (--help lists every flag; rerunning skips finished clips.)
 """
 import sys

@@ -1,6 +1,8 @@
-"""VGGSound: keep --fps frames per second of every video as <root>/Image-01-FPS/<clip>/00000.jpg, ...
+"""VGGSound: keep --fps frames per second of every video
+as JPEGs in <root>/Image-NN-FPS/<clip>/ (Image-01-FPS at the default --fps 1).
 
-Usage: python data/VGGSound/video_preprocessing.py --video-dir vggsound/video --root vggsound
+Usage:
+    python data/VGGSound/video_preprocessing.py --video-dir vggsound/video --root vggsound
 (--help lists every flag; rerunning skips finished clips.)
 """
 import sys

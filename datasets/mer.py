@@ -1,0 +1,313 @@
+"""MER-MULTI feature sequences for the mid-fusion transformers (OLM-Trans).
+
+Layout read here (any dataset in it works, the embedded AVDigitsFeatures included):
+
+    <root>/features/<feature_name>/<sample>.npy   one (T, D) float array per sample and modality
+    <root>/labels.csv                             rows name,emo,val,split (split: train, test1, ...)
+    <root>/classes.txt                            optional class order (default: the six MER emotions)
+
+The released ``label-6way.npz`` is read only from a path named with --label-file, because
+its dicts need pickle, which can run code hidden in the file.
+"""
+from __future__ import annotations
+
+import csv
+import logging
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch.nn.utils.rnn import pad_sequence
+from torch.utils.data import Dataset
+
+from utils.errors import UserError
+
+log = logging.getLogger(__name__)
+MER_CLASSES = ("neutral", "angry", "happy", "sad", "worried", "surprise")
+MODALITIES = ("audio", "visual", "text")
+TRAIN_SPLIT = "train"
+CSV_COLUMNS = ("name", "emo", "val", "split")
+
+
+@dataclass(frozen=True)
+class LabelledSample:
+    name: str
+    emotion: str
+    valence: float | None
+    split: str          # "train" (the cross-validation pool) or a test set name ("test1", ...)
+
+
+def split_name(key: str) -> str:
+    """``train_corpus`` -> ``train``: the npz names its arrays after the corpus."""
+    key = key.strip().lower()
+    return key[: -len("_corpus")] if key.endswith("_corpus") else key
+
+
+def parse_valence(text) -> float | None:
+    try:
+        return float(text)
+    except (TypeError, ValueError):
+        return None
+
+
+def read_label_csv(path: Path) -> tuple[list[LabelledSample], int]:
+    """Rows ``name,emo,val,split`` (header optional); returns (samples, unlabelled count)."""
+    samples, unlabelled = [], 0
+    try:
+        with Path(path).open(newline="") as handle:
+            rows = [[cell.strip() for cell in row] for row in csv.reader(handle) if row and row[0].strip()]
+    except (OSError, UnicodeDecodeError) as error:
+        raise UserError(f"cannot read the label file {path}: {error}") from None
+    if rows and tuple(cell.lower() for cell in rows[0][:4]) == CSV_COLUMNS:
+        rows = rows[1:]
+    for number, row in enumerate(rows, start=1):
+        if len(row) < 4:
+            raise UserError(f"label file {path} row {number} has {len(row)} columns; "
+                            f"expected {','.join(CSV_COLUMNS)}")
+        name, emotion, valence, split = row[:4]
+        if not emotion:
+            unlabelled += 1
+            continue
+        samples.append(LabelledSample(name, emotion.lower(), parse_valence(valence), split_name(split)))
+    return samples, unlabelled
+
+
+def read_label_npz(path: Path) -> tuple[list[LabelledSample], int]:
+    """The released ``label-6way.npz``: arrays ``<split>_corpus`` each holding a dict
+    ``sample -> {'emo': str, 'val': float}``. Needs pickle, so only a user-named path gets here."""
+    samples, unlabelled = [], 0
+    try:
+        with np.load(path, allow_pickle=True) as archive:
+            corpora = {key: archive[key] for key in archive.files}
+    except (OSError, ValueError, EOFError) as error:
+        raise UserError(f"cannot read the label file {path}: {error}") from None
+    for key, array in corpora.items():
+        table = array.item() if array.dtype == object and array.shape == () else None
+        if not isinstance(table, dict):
+            raise UserError(f"label file {path}: array {key!r} is not a dict sample -> {{'emo', 'val'}}")
+        for name, entry in table.items():
+            emotion = entry.get("emo") if isinstance(entry, dict) else None
+            if not emotion:
+                unlabelled += 1
+                continue
+            samples.append(LabelledSample(str(name), str(emotion).strip().lower(),
+                                          parse_valence(entry.get("val")), split_name(key)))
+    return samples, unlabelled
+
+
+def read_labels(root: Path, label_file: str | None) -> list[LabelledSample]:
+    """--label-file (CSV, or .npz read with pickle) or else ``<root>/labels.csv``."""
+    if label_file:
+        path = Path(label_file).expanduser()
+        if not path.is_file():
+            raise UserError(f"--label-file {path} does not exist")
+        reader = read_label_npz if path.suffix.lower() == ".npz" else read_label_csv
+    else:
+        path = Path(root) / "labels.csv"
+        if not path.is_file():
+            hint = ""
+            if (Path(root) / "label-6way.npz").is_file():
+                hint = (f"; {Path(root) / 'label-6way.npz'} exists but needs pickle to read: "
+                        "pass it with --label-file if you trust it")
+            raise UserError(f"no label file: {path} does not exist{hint}")
+        reader = read_label_csv
+    samples, unlabelled = reader(path)
+    if unlabelled:
+        log.warning("%s: ignored %d samples without an emotion label", path, unlabelled)
+    if not any(s.split == TRAIN_SPLIT for s in samples):
+        raise UserError(f"label file {path} has no samples in the '{TRAIN_SPLIT}' split")
+    duplicates = [name for name, count in Counter((s.split, s.name) for s in samples).items() if count > 1]
+    if duplicates:
+        raise UserError(f"label file {path} lists samples twice in one split, e.g. {duplicates[0]}")
+    return samples
+
+
+def parse_modalities(text: str) -> tuple[str, ...]:
+    names = tuple(part.strip().lower() for part in str(text).split(",") if part.strip())
+    unknown = [name for name in names if name not in MODALITIES]
+    if unknown or len(names) < 2 or len(set(names)) != len(names):
+        raise UserError(f"--modalities {text!r}: give two or three distinct names out of "
+                        f"{', '.join(MODALITIES)}, e.g. audio,visual or audio,visual,text")
+    return names
+
+
+def header_shape(path: Path) -> tuple[int, ...] | None:
+    """The array's shape from its .npy header (the data is memory-mapped, not read)."""
+    try:
+        return tuple(np.load(path, mmap_mode="r", allow_pickle=False).shape)
+    except (OSError, ValueError, EOFError):
+        return None
+
+
+@dataclass
+class FeatureSample:
+    name: str
+    label: int
+    paths: dict[str, Path]
+
+
+def infer_dims(shapes: dict[str, list], feature_dim: int, folders: dict[str, Path]) -> dict[str, int]:
+    """Each modality's width: --feature-dim when given, else the most common width of its files."""
+    dims = {}
+    for modality, found in shapes.items():
+        widths = Counter(shape[1] for shape in found if shape is not None and len(shape) == 2)
+        if feature_dim > 0:
+            dims[modality] = feature_dim
+        elif widths:
+            dims[modality] = widths.most_common(1)[0][0]
+        else:
+            raise UserError(f"{folders[modality]} holds no readable (T, D) .npy file for the training samples")
+    return dims
+
+
+def problem(shape, dim: int) -> str | None:
+    if shape is None:
+        return "missing or unreadable"
+    if len(shape) != 2 or shape[1] != dim:
+        return f"shape {shape}, expected (T, {dim})"
+    if shape[0] < 1:
+        return "no time steps"
+    return None
+
+
+def keep_readable(split: str, samples: list[FeatureSample], shapes: dict[str, list], dims: dict[str, int],
+                  max_missing: float) -> list[FeatureSample]:
+    """Drop samples with a missing, unreadable or wrong-width file; one warning with the count;
+    fatal beyond --max-missing, since that means a wrong folder or an unfinished extraction."""
+    kept, first_bad = [], None
+    for index, sample in enumerate(samples):
+        issues = {m: problem(shapes[m][index], dims[m]) for m in dims}
+        bad = {m: issue for m, issue in issues.items() if issue}
+        if bad:
+            first_bad = first_bad or next(f"{sample.paths[m]}: {issue}" for m, issue in bad.items())
+        else:
+            kept.append(sample)
+    skipped = len(samples) - len(kept)
+    if skipped:
+        message = f"{split}: skipped {skipped} of {len(samples)} samples with a bad feature file (e.g. {first_bad})"
+        if skipped / len(samples) > max_missing:
+            raise UserError(message + f", more than --max-missing {max_missing:.0%}; check --data-root and the feature names")
+        log.warning(message)
+    return kept
+
+
+class FeatureSequenceDataset(Dataset):
+    """Yields ``({modality: (T, D) float tensor}, label)``, or ``None`` when a file cannot be
+    read at load time (``collate_padded`` drops and counts those)."""
+
+    def __init__(self, samples: Sequence[FeatureSample], dims: dict[str, int]):
+        self.samples = list(samples)
+        self.dims = dict(dims)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    @property
+    def labels(self) -> list[int]:
+        return [s.label for s in self.samples]
+
+    def subset(self, indices) -> "FeatureSequenceDataset":
+        return FeatureSequenceDataset([self.samples[i] for i in indices], self.dims)
+
+    def __getitem__(self, index: int):
+        sample = self.samples[index]
+        features = {}
+        try:
+            for modality, dim in self.dims.items():
+                array = np.load(sample.paths[modality], allow_pickle=False)
+                if array.ndim != 2 or array.shape[1] != dim or array.shape[0] < 1:
+                    raise ValueError(f"{sample.paths[modality]} has shape {array.shape}, expected (T, {dim})")
+                if not np.isfinite(array).all():
+                    raise ValueError(f"{sample.paths[modality]} holds NaN or infinite values")
+                features[modality] = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
+        except Exception as error:  # a corrupt file must cost one sample, not the run
+            log.warning("skipping sample %s: %s", sample.name, error)
+            return None
+        return features, sample.label
+
+
+def collate_padded(batch):
+    """Zero-pad each modality to the batch's longest sequence; masks are True on real steps.
+    Returns (inputs, labels, skipped) like ``collate_skipping_bad``, so the loop accepts it."""
+    good = [sample for sample in batch if sample is not None]
+    skipped = len(batch) - len(good)
+    if not good:
+        return None, None, skipped
+    inputs = {"masks": {}}
+    for modality in good[0][0]:
+        sequences = [features[modality] for features, _ in good]
+        lengths = torch.tensor([len(s) for s in sequences])
+        inputs[modality] = pad_sequence(sequences, batch_first=True)
+        inputs["masks"][modality] = torch.arange(inputs[modality].shape[1])[None, :] < lengths[:, None]
+    labels = torch.tensor([label for _, label in good], dtype=torch.long)
+    return inputs, labels, skipped
+
+
+@dataclass
+class FeatureData:
+    """The cross-validation pool, the labelled test sets and what the model needs to know."""
+
+    pool: FeatureSequenceDataset
+    tests: dict[str, FeatureSequenceDataset]
+    class_names: list[str]
+    modalities: tuple[str, ...]
+    input_dims: dict[str, int]
+    root: Path
+    skipped: dict[str, int] = field(default_factory=dict)
+
+
+def feature_folders(cfg, root: Path, modalities: Sequence[str]) -> dict[str, Path]:
+    names = {"audio": cfg.audio_feature, "visual": cfg.visual_feature, "text": cfg.text_feature}
+    folders = {m: Path(root) / "features" / names[m] for m in modalities}
+    for modality, folder in folders.items():
+        if not folder.is_dir():
+            raise UserError(f"feature folder {folder} does not exist (--{modality}-feature {names[modality]}, "
+                            f"--data-root {root})")
+    return folders
+
+
+def read_class_names(root: Path) -> list[str]:
+    path = Path(root) / "classes.txt"
+    if path.is_file():
+        return [line.strip().lower() for line in path.read_text().splitlines() if line.strip()]
+    return list(MER_CLASSES)
+
+
+def load_feature_data(cfg, root: Path) -> FeatureData:
+    """Labels + feature folders under ``root`` -> the pool and test sets, bad files dropped."""
+    root = Path(root)
+    modalities = parse_modalities(cfg.modalities)
+    folders = feature_folders(cfg, root, modalities)
+    class_names = read_class_names(root)
+    index = {name: i for i, name in enumerate(class_names)}
+    by_split: dict[str, list[FeatureSample]] = {}
+    for entry in read_labels(root, cfg.label_file):
+        if entry.emotion not in index:
+            raise UserError(f"sample {entry.name} has the label {entry.emotion!r}, not one of {', '.join(class_names)}")
+        paths = {m: folders[m] / f"{entry.name}.npy" for m in modalities}
+        by_split.setdefault(entry.split, []).append(FeatureSample(entry.name, index[entry.emotion], paths))
+    shapes = {split: {m: [header_shape(s.paths[m]) for s in samples] for m in modalities}
+              for split, samples in by_split.items()}
+    dims = infer_dims({m: shapes[TRAIN_SPLIT][m] for m in modalities}, cfg.feature_dim, folders)
+    datasets, skipped = {}, {}
+    for split, samples in by_split.items():
+        if split != TRAIN_SPLIT and all(s is None for m in modalities for s in shapes[split][m]):
+            log.warning("%s: none of its %d samples has feature files; it is not scored", split, len(samples))
+            continue
+        kept = keep_readable(split, samples, shapes[split], dims, cfg.max_missing)
+        skipped[split] = len(samples) - len(kept)
+        datasets[split] = FeatureSequenceDataset(kept, dims)
+    pool = datasets.pop(TRAIN_SPLIT)
+    return FeatureData(pool=pool, tests=dict(sorted(datasets.items())), class_names=class_names,
+                       modalities=modalities, input_dims=dims, root=root, skipped=skipped)
+
+
+def build_mer(cfg, spec) -> FeatureData:
+    """Builder named in config.py for MER-MULTI (root: --data-root, $OLM_MERMULTI_ROOT, $OLM_DATA_ROOT/MERMULTI)."""
+    root = Path(cfg.data_root).expanduser() if cfg.data_root else spec.default_root()
+    if not Path(root).is_dir():
+        raise UserError(f"dataset folder {root} does not exist (--data-root or ${spec.root_env})")
+    return load_feature_data(cfg, root)

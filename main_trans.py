@@ -1,0 +1,138 @@
+"""Train a mid-fusion transformer (EMT, MBT, UMT or CA) with OLM or a baseline, with k-fold
+cross-validation on the train pool; see docs/olm_trans.md and --help.
+
+Example: python main_trans.py --model-type emt --method olm --device cpu --out runs/trans-emt
+(the default dataset, AVDigitsFeatures, is built from the embedded AV-Digits: no download).
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from config import build_parser, get_dataset_spec, resolve_config
+from utils.cli import run_cli
+from utils.errors import UserError
+
+DEFAULT_DATASET = "AVDigitsFeatures"
+TRANS_HELP = {
+    "dataset": f"feature dataset: {DEFAULT_DATASET} (embedded, no download) or MERMULTI",
+    "data_root": "dataset root holding features/<name>/<sample>.npy and labels.csv "
+                 "(default: $OLM_<NAME>_ROOT, else $OLM_DATA_ROOT/<NAME>)",
+    "model_type": "mid-fusion transformer: emt, mbt, umt or ca",
+    "modalities": "comma-separated modalities, one head each plus fusion: audio,visual or audio,visual,text",
+    "d_model": "transformer width", "num_layers": "fusion layers", "num_heads": "attention heads",
+    "num_bottleneck": "bottleneck tokens (MBT) or pivot tokens (EMT, UMT); unused by CA",
+    "dropout": "dropout in the transformer layers",
+    "folds": "cross-validation folds of the train pool",
+    "max_folds": "train only the first N folds (0: all), for quick runs",
+    "fold_seed": "seed of the stratified fold assignment (kept apart from --seed)",
+    "label_file": "labels: a CSV name,emo,val,split, or the released label-6way.npz; an .npz is "
+                  "read with pickle (it can run code), so it is read only when named here "
+                  "(default: <root>/labels.csv)",
+    "audio_feature": "folder under <root>/features/ with the audio features",
+    "visual_feature": "folder under <root>/features/ with the visual features",
+    "text_feature": "folder under <root>/features/ with the text features",
+    "feature_dim": "width D every feature file must have (0: the most common width per modality)",
+    "out": "cross-validation folder: cv_results.json, folds.json, fold<k>/ run folders",
+    "resume": "continue an interrupted cross-validation folder (finished folds are kept)",
+}
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = build_parser("Train a mid-fusion transformer with OLM or a baseline, with k-fold "
+                          "cross-validation (OLM-Trans).")
+    for action in parser._actions:
+        if action.dest in TRANS_HELP:
+            default = action.help.rsplit(" [", 1)[-1] if "[" in (action.help or "") else ""
+            if action.dest == "dataset":
+                default = f"{DEFAULT_DATASET}]"
+            action.help = TRANS_HELP[action.dest] + (f" [{default}" if default else "")
+    return parser
+
+
+def dataset_named(args: argparse.Namespace) -> bool:
+    """Whether --dataset or the --config file names a dataset (else the embedded one is used)."""
+    if "dataset" in vars(args):
+        return True
+    if getattr(args, "config", None):
+        import yaml
+
+        try:
+            values = yaml.safe_load(Path(args.config).read_text()) or {}
+        except (OSError, yaml.YAMLError):
+            return False  # resolve_config reports the unreadable file
+        return isinstance(values, dict) and "dataset" in values
+    return False
+
+
+def parse_config(argv=None):
+    args = make_parser().parse_args(argv)
+    if not dataset_named(args):
+        args.dataset = DEFAULT_DATASET
+    return resolve_config(args)
+
+
+def check_model_flags(cfg) -> None:
+    from models.transformers.build import TRANSFORMER_TYPES
+
+    if cfg.model_type.lower() not in TRANSFORMER_TYPES:
+        raise UserError(f"--model-type {cfg.model_type!r} is unknown; choose one of {', '.join(TRANSFORMER_TYPES)}")
+    for flag, value in (("d-model", cfg.d_model), ("num-layers", cfg.num_layers),
+                        ("num-heads", cfg.num_heads), ("num-bottleneck", cfg.num_bottleneck)):
+        if value < 1:
+            raise UserError(f"--{flag} must be at least 1, got {value}")
+    if cfg.d_model % cfg.num_heads:
+        raise UserError(f"--d-model {cfg.d_model} must be divisible by --num-heads {cfg.num_heads}")
+    if not 0.0 <= cfg.dropout < 1.0:
+        raise UserError(f"--dropout must be in [0, 1), got {cfg.dropout}")
+
+
+def build_model(cfg, data):
+    from models.transformers.build import build_transformer
+
+    return build_transformer(cfg.model_type, data.modalities, data.input_dims, len(data.class_names),
+                             d_model=cfg.d_model, num_layers=cfg.num_layers, num_heads=cfg.num_heads,
+                             num_bottleneck=cfg.num_bottleneck, dropout=cfg.dropout)
+
+
+def run(cfg) -> dict:
+    """Build the feature data and run the cross-validation; return cv_results.json's content."""
+    from datasets.builders import build_data
+    from datasets.mer import parse_modalities
+    from engines.cross_validation import output_dir, run_cross_validation
+    from engines.methods import build_method
+    from utils.device import resolve_device
+
+    device = resolve_device(cfg.device)
+    spec = get_dataset_spec(cfg.dataset)
+    if spec.kind != "mer":
+        raise UserError(f"--dataset {spec.name} is an audio-visual clip dataset for late fusion; "
+                        "run main.py (scripts/run_logits_com.sh) instead")
+    check_model_flags(cfg)
+    modalities = parse_modalities(cfg.modalities)
+    build_method(cfg.method, modalities + ("fusion",))  # fail fast on a bad method name
+    out_dir = output_dir(cfg, f"{spec.name}-{cfg.model_type}-{cfg.method}-s{cfg.seed}")
+    data = build_data(cfg, spec)
+    return run_cross_validation(cfg, data, device, out_dir, lambda: build_model(cfg, data))
+
+
+def main(argv=None) -> None:
+    cfg = parse_config(argv)
+    from utils import distributed
+    from utils.distributed_setup import distributed_session
+
+    with distributed_session(cfg):
+        results = run(cfg)
+    if distributed.is_main():
+        from engines.cross_validation import cv_table
+        from main import write_plots
+
+        print(cv_table(results))
+        print(f"cross-validation folder: {results['run_dir']}")
+        if cfg.plots:
+            for fold in results["per_fold"]:
+                write_plots(fold["run_dir"])
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,174 @@
+"""AV-Digits materialization: layout, splits, voice-disjointness, idempotence, determinism."""
+
+import csv
+import logging
+import shutil
+import time
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from datasets import avdigits
+from datasets.avdigits import AVDigitsError, materialize, params_key
+
+NUM_IMAGES = 1797
+SMALL = dict(image_size=16, frames_per_clip=2)      # keeps every build to a few seconds
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    return materialize(tmp_path_factory.mktemp("avd") / "AVDigits", **SMALL)
+
+
+def read_split_file(root, name):
+    with open(root / f"{name}.csv", newline="") as handle:
+        return [tuple(row) for row in csv.reader(handle)]
+
+
+def read_meta(root):
+    with open(root / "meta.csv", newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_layout_matches_the_real_audio_visual_datasets(built):
+    classes = (built / "classes.txt").read_text().splitlines()
+    assert classes == list(avdigits.CLASS_NAMES)
+    rows = [row for name in avdigits.SPLIT_NAMES for row in read_split_file(built, name)]
+    assert all(len(row) == 2 and row[1] in classes for row in rows)
+    clip, _ = rows[0]
+    samples, rate = sf.read(str(built / "audio" / f"{clip}.wav"), dtype="int16")
+    assert rate == 16000 and samples.ndim == 1 and len(samples) == 16000
+    assert sf.info(str(built / "audio" / f"{clip}.wav")).subtype == "PCM_16"
+    frames = sorted(p.name for p in (built / "Image-01-FPS" / clip).iterdir())
+    assert frames == ["00000.jpg", "00001.jpg"]
+    import cv2
+    image = cv2.imread(str(built / "Image-01-FPS" / clip / "00000.jpg"), cv2.IMREAD_UNCHANGED)
+    assert image.shape == (16, 16, 3)
+    assert len(list((built / "audio").iterdir())) == NUM_IMAGES
+
+
+def test_splits_are_disjoint_cover_all_images_and_are_stratified(built):
+    splits = {name: read_split_file(built, name) for name in avdigits.SPLIT_NAMES}
+    clip_sets = {name: {clip for clip, _ in rows} for name, rows in splits.items()}
+    assert sum(len(s) for s in clip_sets.values()) == NUM_IMAGES
+    assert len(set.union(*clip_sets.values())) == NUM_IMAGES
+    for name, rows in splits.items():
+        assert {label for _, label in rows} == set(avdigits.CLASS_NAMES), name
+    assert abs(len(splits["train"]) / NUM_IMAGES - 0.7) < 0.01
+    image_indices = {int(row["image_index"]) for row in read_meta(built)}
+    assert image_indices == set(range(NUM_IMAGES))
+
+
+def test_val_and_test_audio_comes_from_voices_unheard_in_training(built):
+    meta = read_meta(built)
+    voices = {name: {r["voice"] for r in meta if r["split"] == name}
+              for name in avdigits.SPLIT_NAMES}
+    assert all(voices.values())
+    assert not voices["train"] & voices["val"]
+    assert not voices["train"] & voices["test"]
+    assert not voices["val"] & voices["test"]
+    recordings = {name: {r["audio_file"] for r in meta if r["split"] == name}
+                  for name in avdigits.SPLIT_NAMES}
+    assert not recordings["train"] & recordings["test"]
+    for row in meta:     # the paired recording speaks the sample's own digit
+        assert row["audio_file"].split("/")[-1].startswith(row["label"] + "_")
+        assert -10.0 <= float(row["snr_db"]) <= 0.0
+
+
+def test_second_call_with_same_knobs_touches_nothing(built):
+    watched = [built / "audio" / "avd_0000.wav", built / "train.csv",
+               built / "Image-01-FPS" / "avd_0000" / "00000.jpg", built / ".materialized.json"]
+    before = [p.stat().st_mtime_ns for p in watched]
+    started = time.perf_counter()
+    assert materialize(built, **SMALL) == built
+    assert time.perf_counter() - started < 1.0
+    assert [p.stat().st_mtime_ns for p in watched] == before
+
+
+def test_same_seed_gives_byte_identical_audio(built, tmp_path):
+    twin = materialize(tmp_path / "twin", **SMALL)
+    for index in (0, 1, 900, NUM_IMAGES - 1):
+        name = f"avd_{index:04d}.wav"
+        assert (twin / "audio" / name).read_bytes() == (built / "audio" / name).read_bytes()
+    assert (twin / "meta.csv").read_bytes() == (built / "meta.csv").read_bytes()
+
+
+def test_changed_knob_rebuilds_in_place_and_changes_the_data(built, tmp_path):
+    root = tmp_path / "rebuild"
+    shutil.copytree(built, root)
+    old_wav = (root / "audio" / "avd_0003.wav").read_bytes()
+    assert materialize(root, audio_snr_db=(5.0, 10.0), **SMALL) == root
+    assert (root / "audio" / "avd_0003.wav").read_bytes() != old_wav
+    assert all(5.0 <= float(row["snr_db"]) <= 10.0 for row in read_meta(root))
+    marker = avdigits.read_marker(root)
+    assert marker["params"]["audio_snr_db"] == [5.0, 10.0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["rebuild"]   # no staging left over
+
+
+def test_params_key_is_stable_and_tracks_every_knob():
+    assert params_key() == params_key(seed=0)
+    assert params_key(seed=1) != params_key()
+    assert params_key(visual_noise_std=0.1) != params_key()
+    assert params_key(split=(0.8, 0.1, 0.1)) != params_key()
+    assert len(params_key()) == 10
+
+
+@pytest.mark.parametrize("knobs, flag", [
+    (dict(audio_snr_db=(5, -5)), "audio_snr_db"),
+    (dict(visual_occlusion=1.0), "visual_occlusion"),
+    (dict(frames_per_clip=0), "frames_per_clip"),
+    (dict(split=(0.5, 0.5, 0.5)), "split"),
+])
+def test_bad_knobs_fail_with_a_sentence_naming_them(knobs, flag, tmp_path):
+    with pytest.raises(AVDigitsError, match=flag):
+        materialize(tmp_path / "never", **knobs)
+    assert not (tmp_path / "never").exists()
+
+
+def test_missing_assets_is_one_clear_error(tmp_path):
+    with pytest.raises(AVDigitsError, match="assets not found.*clips.csv"):
+        materialize(tmp_path / "out", assets_dir=tmp_path / "no_such_assets")
+
+
+def test_refuses_to_replace_a_folder_it_did_not_write(tmp_path):
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "precious.txt").write_text("keep me")
+    with pytest.raises(AVDigitsError, match="refusing to replace"):
+        materialize(foreign, **SMALL)
+    assert (foreign / "precious.txt").read_text() == "keep me"
+
+
+def test_corrupt_clip_is_skipped_and_counted(tmp_path, caplog):
+    assets = tmp_path / "assets"
+    shutil.copytree(avdigits.ASSETS_DIR / "clips", assets / "clips")
+    shutil.copy(avdigits.ASSETS_DIR / "clips.csv", assets / "clips.csv")
+    victim = sorted((assets / "clips").iterdir())[0]
+    victim.write_bytes(b"not a flac file")
+    with caplog.at_level(logging.WARNING, logger="datasets.avdigits"):
+        root = materialize(tmp_path / "out", assets_dir=assets, **SMALL)
+    assert avdigits.read_marker(root)["skipped_clips"] == 1
+    assert "skipped 1" in caplog.text
+    assert victim.name not in (root / "meta.csv").read_text()
+
+
+@pytest.mark.parametrize("snr_db", [-10.0, 0.0, 10.0])
+def test_rendered_audio_has_the_requested_snr(snr_db):
+    speech = np.sin(np.linspace(0, 400 * np.pi, 8000)).astype(np.float32) * 0.5
+    mixture = avdigits.render_audio(speech, np.random.default_rng(0), snr_db)
+    assert mixture.shape == (16000,) and np.max(np.abs(mixture)) == pytest.approx(0.9, 1e-5)
+    clean = avdigits.render_audio(speech, np.random.default_rng(0), None)
+    scale = float(mixture @ clean) / float(clean @ clean)   # projection onto the placed word
+    noise = mixture - scale * clean
+    word = clean != 0
+    measured = 10 * np.log10(np.mean((scale * clean[word]) ** 2) / np.mean(noise ** 2))
+    assert measured == pytest.approx(snr_db, abs=0.5)
+
+
+def test_occlusion_blanks_a_square_of_the_requested_side():
+    image = np.full((8, 8), 16)
+    (frame,) = avdigits.render_frames(image, np.random.default_rng(3), 0.0, 0.5, 1, 8)
+    assert frame.shape == (8, 8, 3)
+    assert int((frame[..., 0] == 0).sum()) == 16
+    assert int((frame[..., 0] == 255).sum()) == 48

@@ -1,0 +1,105 @@
+"""Exact resume: a run killed with SIGKILL and resumed ends with the numbers of an
+uninterrupted run; checkpoints are atomic and load with ``weights_only=True``."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+import torch
+
+from tests.scaling_fixtures import REPO, full_avdigits, main_command, script_env, tiny_avdigits
+from utils.checkpoint import save_atomic
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    cache = tmp_path_factory.getbasetemp() / "scaling-cache"
+    root = tiny_avdigits(full_avdigits(cache), tmp_path_factory.mktemp("tiny") / "AVDigits")
+    return root, cache
+
+
+def comparable_results(run_dir):
+    results = json.loads((run_dir / "results.json").read_text())
+    return {k: v for k, v in results.items() if k not in ("seconds", "run_dir")}
+
+
+def comparable_metrics(run_dir):
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in row.items() if k != "seconds"} for row in rows]
+
+
+def kill_after_first_checkpoint(process: subprocess.Popen, run_dir, limit=240.0) -> None:
+    """SIGKILL the run as soon as its first last.pt exists (the end of epoch 1)."""
+    deadline = time.time() + limit
+    while not (run_dir / "last.pt").exists():
+        assert process.poll() is None, process.communicate()[1]
+        assert time.time() < deadline, "no checkpoint appeared"
+        time.sleep(0.02)
+    process.kill()
+    assert process.wait() == -9
+    assert not (run_dir / "results.json").exists(), "the run finished before it could be killed"
+
+
+@pytest.mark.parametrize("workers, epochs, extra", [
+    # lr steps, a held-out pass every 3 steps across epoch boundaries (4 steps per epoch) and
+    # reference losses still being collected at the kill: all of it must come back.
+    (0, 3, ["--lr-step", "1", "--lr-gamma", "0.5", "--heldout-every", "3", "--reference-steps", "6"]),
+    (2, 2, []),
+])
+def test_sigkill_then_resume_matches_uninterrupted_run(tiny, tmp_path, workers, epochs, extra):
+    root, cache = tiny
+    flags = ["--data-root", root, "--epochs", epochs, "--seed", 3, "--workers", workers, *extra]
+    env = script_env(cache)
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    uninterrupted = subprocess.Popen(main_command(*flags, "--out", whole), cwd=REPO, env=env,
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    victim = subprocess.Popen(main_command(*flags, "--out", killed), cwd=REPO, env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    kill_after_first_checkpoint(victim, killed)
+    # What the kill left must load, without pickled code, and be a finished epoch.
+    payload = torch.load(killed / "last.pt", weights_only=True)
+    assert 1 <= payload["epoch"] < epochs
+
+    # The saved options are enough to resume: no other flag is repeated.
+    resumed = subprocess.run([sys.executable, str(REPO / "main.py"), "--resume", str(killed)],
+                             cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    out, err = uninterrupted.communicate(timeout=300)
+    assert uninterrupted.returncode == 0, err
+
+    assert comparable_metrics(killed) == comparable_metrics(whole)
+    assert comparable_results(killed) == comparable_results(whole)
+    assert [row["epoch"] for row in comparable_metrics(killed)] == list(range(1, epochs + 1))
+    assert not list(killed.glob(".last.pt.tmp-*")) and not list(killed.glob(".best.pt.tmp-*"))
+
+
+WRITER = textwrap.dedent("""
+    import sys, torch
+    from utils.checkpoint import save_atomic
+    big = {"model": {"w": torch.arange(4_000_000, dtype=torch.float32)}, "epoch": 1}
+    small = {"model": {"w": torch.zeros(10)}, "epoch": 2}
+    for i in range(10_000):
+        save_atomic(big if i % 2 == 0 else small, sys.argv[1])
+        print(i, flush=True)
+""")
+
+
+def test_kill_during_checkpoint_writes_never_leaves_a_broken_file(tmp_path):
+    target = tmp_path / "last.pt"
+    writer = subprocess.Popen([sys.executable, "-c", WRITER, str(target)], cwd=REPO, env=script_env(tmp_path),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for _ in range(5):  # let it finish a few writes, so the kill lands in a later one
+        assert writer.stdout.readline(), writer.stderr.read()
+    writer.kill()
+    writer.wait()
+    payload = torch.load(target, weights_only=True)
+    assert payload["epoch"] in (1, 2)
+    assert payload["model"]["w"].numel() == (4_000_000 if payload["epoch"] == 1 else 10)
+    # A later save removes whatever temporary file the killed writer left.
+    save_atomic({"model": {}, "epoch": 3}, target)
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+    assert torch.load(target, weights_only=True)["epoch"] == 3

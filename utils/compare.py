@@ -1,0 +1,321 @@
+"""Aggregate a comparison folder (one run folder per method and seed) into compare.md/.png.
+
+    python -m utils.compare runs/compare-AVDigits
+
+Reads every ``<run>/results.json`` (the best-on-val epoch and its test numbers) and the
+matching row of ``<run>/metrics.jsonl``; groups runs by method; reports mean ± sample std
+over seeds. See docs/comparison.md for what each column means.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from utils.errors import UserError
+
+# Display order; methods not listed follow alphabetically.
+METHOD_ORDER = ("audio_only", "visual_only", "joint", "fusion_only", "ogm_ge", "olm", "olm_loss_ratio", "olm_mean")
+# Config keys that may differ between runs of one fair comparison.
+PER_RUN_KEYS = {"method", "seed", "out", "resume", "device", "progress", "plots", "workers", "data_root"}
+NORM_SPLITS = ("val", "train")
+
+
+@dataclass
+class Run:
+    folder: Path
+    method: str
+    seed: int
+    results: dict
+    best_row: dict | None  # the metrics.jsonl row of the best epoch, if it was found
+    rows: list[dict] = field(default_factory=list)
+
+    @property
+    def selection_head(self) -> str:
+        return self.results.get("selection_head", "fusion")
+
+    def reported_heads(self) -> list[str]:
+        """A method selected on a unimodal head trained only that head (audio_only, ...)."""
+        heads = list(self.results["test"])
+        return heads if self.selection_head == "fusion" else [self.selection_head]
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for a single seed)."""
+    if not values:
+        return math.nan, math.nan
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def format_mean_std(values: list[float], scale: float = 100.0, digits: int = 1) -> str:
+    if not values:
+        return "—"
+    mean, std = mean_std(values)
+    return f"{mean * scale:.{digits}f} ± {std * scale:.{digits}f}"
+
+
+def read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise UserError(f"cannot read {path}: {error}") from None
+
+
+def read_metrics(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    rows = []
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                raise UserError(f"{path} line {number} is not valid JSON") from None
+    return rows
+
+
+def load_runs(runs_dir: Path) -> tuple[list[Run], list[Path]]:
+    """Finished runs (with results.json) directly under ``runs_dir``, and unfinished folders."""
+    if not runs_dir.is_dir():
+        raise UserError(f"comparison folder {runs_dir} does not exist")
+    runs, unfinished = [], []
+    for folder in sorted(p for p in runs_dir.iterdir() if p.is_dir()):
+        results_path = folder / "results.json"
+        if not results_path.is_file():
+            if (folder / "config.yaml").is_file():
+                unfinished.append(folder)
+            continue
+        results = read_json(results_path)
+        if "test" not in results or "method" not in results:
+            raise UserError(f"{results_path} lacks 'test' or 'method' (not written by main.py?)")
+        rows = read_metrics(folder / "metrics.jsonl")
+        best = next((r for r in rows if r.get("epoch") == results.get("best_epoch")), None)
+        runs.append(Run(folder, results["method"], int(results.get("seed", 0)), results, best, rows))
+    if not runs:
+        raise UserError(f"no finished run (a folder with results.json) under {runs_dir}")
+    return runs, unfinished
+
+
+def group_by_method(runs: list[Run]) -> dict[str, list[Run]]:
+    groups: dict[str, list[Run]] = defaultdict(list)
+    for run in runs:
+        groups[run.method].append(run)
+    order = {m: i for i, m in enumerate(METHOD_ORDER)}
+    return {m: sorted(groups[m], key=lambda r: r.seed)
+            for m in sorted(groups, key=lambda m: (order.get(m, len(order)), m))}
+
+
+def head_values(runs: list[Run], head: str, metric: str, split: str = "test") -> list[float]:
+    return [r.results[split][head][metric] for r in runs
+            if head in r.reported_heads() and head in r.results.get(split, {})]
+
+
+def modality_heads(runs: list[Run]) -> list[str]:
+    heads: list[str] = []
+    for run in runs:
+        heads += [h for h in run.results["test"] if h != "fusion" and h not in heads]
+    return heads
+
+
+def unimodal_reference(groups: dict[str, list[Run]]) -> tuple[str, float] | None:
+    """(method, mean test acc) of the best single-modality model, e.g. audio_only."""
+    best = None
+    for method, runs in groups.items():
+        head = runs[0].selection_head
+        if head == "fusion":
+            continue
+        mean, _ = mean_std(head_values(runs, head, "acc"))
+        if best is None or mean > best[1]:
+            best = (method, mean)
+    return best
+
+
+def norm_ratios(runs: list[Run], first: str, second: str, split: str) -> list[float]:
+    """||z_first|| / ||z_second|| at each run's best epoch (raw logits, as logged)."""
+    ratios = []
+    for run in runs:
+        if run.selection_head != "fusion" or run.best_row is None:
+            continue
+        norms = run.best_row.get(split, {})
+        if first in norms and second in norms and norms[second]["norm"] > 0:
+            ratios.append(norms[first]["norm"] / norms[second]["norm"])
+    return ratios
+
+
+def olm_regime(runs: list[Run], heads: list[str]) -> dict | None:
+    """Share of saturated steps and mean G, C per head over every epoch and seed."""
+    saturated, gains = [], {"G": defaultdict(list), "C": defaultdict(list)}
+    for run in runs:
+        for row in run.rows:
+            olm = row.get("olm") or {}
+            if "saturated" in olm:
+                saturated.append(float(olm["saturated"]))
+            for key in gains:
+                for head, value in (olm.get(key) or {}).items():
+                    gains[key][head].append(float(value))
+    if not saturated:
+        return None
+    return {"saturated": statistics.fmean(saturated),
+            **{key: {h: statistics.fmean(gains[key][h]) for h in heads if gains[key][h]} for key in gains}}
+
+
+def protocol_differences(runs: list[Run]) -> dict[str, list]:
+    """Config keys (besides method, seed, paths, device) whose values differ between runs."""
+    import yaml
+
+    values: dict[str, set] = defaultdict(set)
+    for run in runs:
+        path = run.folder / "config.yaml"
+        try:
+            config = yaml.safe_load(path.read_text()) if path.is_file() else {}
+        except yaml.YAMLError:
+            raise UserError(f"{path} is not valid YAML") from None
+        config = config or {k: run.results.get(k) for k in ("dataset", "fusion", "epochs")}
+        for key, value in config.items():
+            if key not in PER_RUN_KEYS:
+                values[key].add(json.dumps(value, sort_keys=True))
+    return {k: sorted(v) for k, v in values.items() if len(v) > 1}
+
+
+def summarize(runs_dir: Path, norm_split: str = "val") -> dict:
+    """Everything compare.md and compare.png show, as plain data (tests read this)."""
+    runs, unfinished = load_runs(runs_dir)
+    groups = group_by_method(runs)
+    heads = list(dict.fromkeys(h for r in runs for h in r.results["test"]))
+    modalities = modality_heads(runs)
+    reference = unimodal_reference(groups)
+    methods = {}
+    for method, method_runs in groups.items():
+        entry = {"seeds": [r.seed for r in method_runs], "heads": {}}
+        for head in heads:
+            acc, f1 = head_values(method_runs, head, "acc"), head_values(method_runs, head, "f1")
+            if acc:
+                entry["heads"][head] = {"acc": mean_std(acc), "f1": mean_std(f1), "acc_values": acc,
+                                        "f1_values": f1}
+        fusion = entry["heads"].get("fusion")
+        entry["gap"] = (fusion["acc"][0] - reference[1]) if fusion and reference else None
+        ratios = norm_ratios(method_runs, *modalities[:2], norm_split) if len(modalities) >= 2 else []
+        entry["norm_ratio"] = mean_std(ratios) if ratios else None
+        entry["norm_ratio_values"] = ratios
+        entry["regime"] = olm_regime(method_runs, heads)
+        methods[method] = entry
+    return {"runs_dir": str(runs_dir), "heads": heads, "modalities": modalities, "reference": reference,
+            "norm_split": norm_split, "methods": methods, "unfinished": [str(p) for p in unfinished],
+            "protocol_differences": protocol_differences(runs),
+            "dataset": sorted({r.results.get("dataset", "?") for r in runs}),
+            "epochs": sorted({r.results.get("epochs", 0) for r in runs})}
+
+
+def render_markdown(summary: dict) -> str:
+    heads, modalities = summary["heads"], summary["modalities"]
+    reference = summary["reference"]
+    lines = [f"# Comparison: {', '.join(summary['dataset'])}, {'/'.join(map(str, summary['epochs']))} epochs",
+             "",
+             "Test metrics at each run's best-on-validation epoch, in %, mean ± sample std over seeds. "
+             "Methods trained on one modality report only that head.", ""]
+    header = ["method", "seeds"] + [f"{h} acc" for h in heads] + [f"{h} F1" for h in heads]
+    header += ["fusion − best unimodal"]
+    if len(modalities) >= 2:
+        header += [f"‖z_{modalities[0]}‖/‖z_{modalities[1]}‖ ({summary['norm_split']}, best epoch)"]
+    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for method, entry in summary["methods"].items():
+        cells = [method, str(len(entry["seeds"]))]
+        cells += [format_mean_std(entry["heads"][h]["acc_values"]) if h in entry["heads"] else "—" for h in heads]
+        cells += [format_mean_std(entry["heads"][h]["f1_values"]) if h in entry["heads"] else "—" for h in heads]
+        cells.append("—" if entry["gap"] is None else f"{100 * entry['gap']:+.1f}")
+        if len(modalities) >= 2:
+            cells.append(format_mean_std(entry["norm_ratio_values"], scale=1.0, digits=2)
+                         if entry["norm_ratio_values"] else "—")
+        lines.append("| " + " | ".join(cells) + " |")
+    lines.append("")
+    if reference:
+        lines.append(f"Best unimodal model: {reference[0]} ({100 * reference[1]:.1f}% test accuracy); "
+                     "the gap column is each method's mean fusion accuracy minus it, in points.")
+    else:
+        lines.append("No unimodal reference (audio_only / visual_only) finished, so no gap is shown.")
+    regimes = {m: e["regime"] for m, e in summary["methods"].items() if e["regime"]}
+    if regimes:
+        lines += ["", "## OLM rate-target regime (every epoch and seed)", "",
+                  "| method | saturated steps | mean G per head | mean C per head |", "|---|---|---|---|"]
+        for method, regime in regimes.items():
+            g = ", ".join(f"{h} {v:.3g}" for h, v in regime["G"].items())
+            c = ", ".join(f"{h} {v:.3g}" for h, v in regime["C"].items())
+            lines.append(f"| {method} | {100 * regime['saturated']:.0f}% | {g} | {c} |")
+    notes = []
+    if summary["protocol_differences"]:
+        differing = "; ".join(f"{k}: {', '.join(v)}" for k, v in summary["protocol_differences"].items())
+        notes.append(f"Warning: the runs do not share one protocol ({differing}).")
+    if summary["unfinished"]:
+        notes.append(f"Skipped {len(summary['unfinished'])} unfinished run folder(s) without results.json: "
+                     + ", ".join(Path(p).name for p in summary["unfinished"]) + ".")
+    if notes:
+        lines += [""] + notes
+    return "\n".join(lines) + "\n"
+
+
+def render_figure(summary: dict, out: Path) -> Path:
+    """Grouped bars of per-head test accuracy (± std) per method, and the norm ratio."""
+    from utils.plot import head_colours, pyplot
+
+    plt = pyplot()
+    methods = list(summary["methods"])
+    heads = summary["heads"]
+    colours = head_colours(heads)
+    figure, (bars, ratio) = plt.subplots(1, 2, figsize=(max(8, 1.3 * len(methods) + 4), 4.2),
+                                         gridspec_kw={"width_ratios": [3, 1.4]})
+    width = 0.8 / max(len(heads), 1)
+    for i, head in enumerate(heads):
+        xs, means, stds = [], [], []
+        for x, method in enumerate(methods):
+            stats = summary["methods"][method]["heads"].get(head)
+            if stats:
+                xs.append(x + (i - (len(heads) - 1) / 2) * width)
+                means.append(100 * stats["acc"][0])
+                stds.append(100 * stats["acc"][1])
+        bars.bar(xs, means, width, yerr=stds, capsize=2, color=colours[head], label=head)
+    if summary["reference"]:
+        bars.axhline(100 * summary["reference"][1], color="black", ls=":", lw=1,
+                     label=f"best unimodal ({summary['reference'][0]})")
+    bars.set_xticks(range(len(methods)), methods, rotation=30, ha="right", fontsize=8)
+    bars.set_ylabel("test accuracy (%)")
+    bars.set_title("per-head test accuracy at the best-on-val epoch", fontsize=9)
+    bars.legend(fontsize=7)
+    shown = [m for m in methods if summary["methods"][m]["norm_ratio"]]
+    ratio.bar(range(len(shown)), [summary["methods"][m]["norm_ratio"][0] for m in shown],
+              yerr=[summary["methods"][m]["norm_ratio"][1] for m in shown], capsize=2, color="gray")
+    ratio.axhline(1.0, color="black", ls=":", lw=1)
+    ratio.set_xticks(range(len(shown)), shown, rotation=30, ha="right", fontsize=8)
+    pair = "/".join(f"‖z_{m}‖" for m in summary["modalities"][:2]) or "norm ratio"
+    ratio.set_title(f"{pair} ({summary['norm_split']}, best epoch)", fontsize=9)
+    figure.tight_layout()
+    figure.savefig(out, dpi=110)
+    plt.close(figure)
+    return Path(out)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(
+        description="Aggregate the runs of a comparison folder (one sub-folder per method and seed, "
+                    "as scripts/compare.sh writes) into compare.md and compare.png.")
+    parser.add_argument("runs_dir", metavar="RUNS_DIR", help="folder holding <method>-s<seed>/ run folders")
+    parser.add_argument("--norm-split", choices=NORM_SPLITS, default="val",
+                        help="split whose mean logit norms (at the best epoch) give the norm ratio")
+    parser.add_argument("--no-figure", action="store_true", help="write compare.md only")
+    args = parser.parse_args(argv)
+    runs_dir = Path(args.runs_dir)
+    summary = summarize(runs_dir, args.norm_split)
+    (runs_dir / "compare.md").write_text(render_markdown(summary))
+    print(f"wrote {runs_dir / 'compare.md'}")
+    if not args.no_figure:
+        render_figure(summary, runs_dir / "compare.png")
+        print(f"wrote {runs_dir / 'compare.png'}")
+
+
+if __name__ == "__main__":
+    from utils.cli import run_cli
+
+    run_cli(main)
