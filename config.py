@@ -78,8 +78,8 @@ register_dataset(DatasetSpec(
 register_dataset(DatasetSpec(
     "AVDigitsFeatures", "datasets.mer_avdigits:build_avdigits_features", kind="mer", classes=10,
     defaults=dict(lr=1e-3, weight_decay=2e-4, coef_lr=1e-3, coef_weight_decay=0.0, batch_size=64,
-                  epochs=6, d_model=64, num_layers=2, num_heads=4, num_bottleneck=4, dropout=0.1,
-                  folds=5, max_folds=2, audio_feature="logmel-40", visual_feature="patches-8x8",
+                  epochs=10, d_model=64, num_layers=2, num_heads=4, num_bottleneck=4, dropout=0.1,
+                  folds=5, max_folds=2, audio_feature="logmel-40", visual_feature="rows-8",
                   text_feature="noisy-tokens")))
 
 # The real sets, as data/<NAME>/ preprocessing lays them out (loaders: datasets/real_av.py).

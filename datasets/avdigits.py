@@ -42,10 +42,13 @@ MARKER_NAME = ".materialized.json"
 # (relative to the spoken word's own power); visual noise is Gaussian on the native
 # 8x8 grid in [0, 1] intensity units before upsampling, so difficulty does not depend
 # on image_size; occlusion blanks a random square covering that fraction of the side.
+# Chosen with benchmarks/avdigits_probe.py (4-layer CNN, 15 epochs, seed 0): audio
+# alone ~94-96% test (100% clean, ~92% at -5..5 dB), vision alone ~77-81% (~89% at
+# noise 0.5); occlusion 0.5 on top of noise 0.6 drops vision to ~55%, so it is off.
 DEFAULT_SEED = 0
-DEFAULT_AUDIO_SNR_DB = (-10.0, 0.0)
+DEFAULT_AUDIO_SNR_DB = (0.0, 10.0)
 DEFAULT_VISUAL_NOISE_STD = 0.6
-DEFAULT_VISUAL_OCCLUSION = 0.5
+DEFAULT_VISUAL_OCCLUSION = 0.0
 DEFAULT_FRAMES_PER_CLIP = 3
 DEFAULT_IMAGE_SIZE = 32
 DEFAULT_SPLIT = (0.7, 0.15, 0.15)
@@ -185,7 +188,8 @@ def render_audio(speech, rng, snr_db):
         noise_std = np.sqrt(speech_power / 10 ** (snr_db / 10))
         buffer += rng.standard_normal(CLIP_SAMPLES) * noise_std
     peak = np.max(np.abs(buffer))
-    return (buffer * (MIX_PEAK / peak)).astype(np.float32) if peak > 0 else buffer
+    scale = MIX_PEAK / peak if peak > 0 else 1.0
+    return (buffer * scale).astype(np.float32)
 
 
 def render_frames(image, rng, noise_std, occlusion, frames, size):

@@ -189,7 +189,7 @@ def keep_readable(split: str, samples: list[FeatureSample], shapes: dict[str, li
     if skipped:
         message = f"{split}: skipped {skipped} of {len(samples)} samples with a bad feature file (e.g. {first_bad})"
         if skipped / len(samples) > max_missing:
-            raise UserError(message + f", more than --max-missing {max_missing:.0%}; check --data-root and the feature names")
+            raise UserError(message + f", more than --max-missing {max_missing:.0%}; check --data-root, the feature names and --feature-dim")
         log.warning(message)
     return kept
 

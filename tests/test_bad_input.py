@@ -49,7 +49,7 @@ def main_in_process(argv, capsys) -> tuple[int, str]:
     (["--method", "no_such_method"], ["unknown method 'no_such_method'", "--method", "olm"]),
     (["--device", "cuda:7"], ["--device cuda:7"]),
     (["--amp", "fp8"], ["--amp 'fp8'", "bf16"]),
-    (["--resume", "no/such/run"], ["--resume no/such/run", "no checkpoint"]),
+    (["--resume", "no/such/run"], ["--resume no/such/run", "does not exist"]),
 ])
 def test_bad_names_and_flags_end_in_one_sentence(tiny, tmp_path, capsys, argv, fragments):
     code, error = main_in_process([*argv, "--data-root", tiny, "--out", tmp_path / "run"], capsys)
@@ -175,3 +175,21 @@ def test_non_finite_loss_stops_with_the_last_good_checkpoint_intact(tmp_path):
     assert all(torch.isfinite(v).all() for v in checkpoint["model"].values() if v.is_floating_point())
     assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 1
     assert not (tmp_path / "results.json").exists()
+
+
+def test_resuming_into_another_model_names_the_checkpoint(tmp_path):
+    from engines.methods import build_method
+    from engines.trainer import fit, make_loaders
+
+    cfg = Config(epochs=1, batch_size=16, progress=False, plots=False, device="cpu")
+    model = VectorModel()
+    method = build_method("joint", model.heads)
+    fit(cfg, model, method, make_loaders(cfg, vector_data(), torch.device("cpu"), False), tmp_path,
+        torch.device("cpu"))
+    other = VectorModel(classes=5)  # another head size: the saved weights do not fit
+    cfg.resume, cfg.epochs = str(tmp_path), 2
+    with pytest.raises(UserError) as stop:
+        fit(cfg, other, build_method("joint", other.heads),
+            make_loaders(cfg, vector_data(), torch.device("cpu"), False), tmp_path, torch.device("cpu"))
+    assert f"--resume {tmp_path / 'last.pt'}" in str(stop.value) and "another model" in str(stop.value)
+    assert torch.load(tmp_path / "last.pt", weights_only=True)["epoch"] == 1  # left as it was

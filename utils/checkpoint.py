@@ -65,7 +65,13 @@ def resume_path(resume: str) -> Path:
 
 def saved_config(resume: str) -> dict:
     """The run options stored in the checkpoint ``--resume`` names, without the ones that
-    say where this run writes (those come from the command line)."""
+    say where this run writes (those come from the command line). A folder without last.pt
+    (e.g. a cross-validation folder holding one run per fold) gives none."""
+    path = Path(resume).expanduser()
+    if not path.exists():
+        raise UserError(f"--resume {resume} does not exist")
+    if path.is_dir() and not (path / "last.pt").is_file():
+        return {}
     payload = load_checkpoint(resume_path(resume), mmap=True)
     config = dict(payload.get("config") or {})
     for key in ("resume", "out"):

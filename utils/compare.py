@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from utils.errors import UserError
+from utils.plot import read_rows
 
 # Display order; methods not listed follow alphabetically.
 METHOD_ORDER = ("audio_only", "visual_only", "joint", "fusion_only", "ogm_ge", "olm", "olm_loss_ratio", "olm_mean")
@@ -65,19 +66,6 @@ def read_json(path: Path) -> dict:
         raise UserError(f"cannot read {path}: {error}") from None
 
 
-def read_metrics(path: Path) -> list[dict]:
-    if not path.is_file():
-        return []
-    rows = []
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
-        if line.strip():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                raise UserError(f"{path} line {number} is not valid JSON") from None
-    return rows
-
-
 def load_runs(runs_dir: Path) -> tuple[list[Run], list[Path]]:
     """Finished runs (with results.json) directly under ``runs_dir``, and unfinished folders."""
     if not runs_dir.is_dir():
@@ -92,7 +80,7 @@ def load_runs(runs_dir: Path) -> tuple[list[Run], list[Path]]:
         results = read_json(results_path)
         if "test" not in results or "method" not in results:
             raise UserError(f"{results_path} lacks 'test' or 'method' (not written by main.py?)")
-        rows = read_metrics(folder / "metrics.jsonl")
+        rows = read_rows(folder) if (folder / "metrics.jsonl").is_file() else []
         best = next((r for r in rows if r.get("epoch") == results.get("best_epoch")), None)
         runs.append(Run(folder, results["method"], int(results.get("seed", 0)), results, best, rows))
     if not runs:
@@ -213,7 +201,7 @@ def summarize(runs_dir: Path, norm_split: str = "val") -> dict:
 def render_markdown(summary: dict) -> str:
     heads, modalities = summary["heads"], summary["modalities"]
     reference = summary["reference"]
-    lines = [f"# Comparison: {', '.join(summary['dataset'])}, {'/'.join(map(str, summary['epochs']))} epochs",
+    lines = [f"# Comparison on {', '.join(summary['dataset'])} (epochs: {', '.join(map(str, summary['epochs']))})",
              "",
              "Test metrics at each run's best-on-validation epoch, in %, mean ± sample std over seeds. "
              "Methods trained on one modality report only that head.", ""]

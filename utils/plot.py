@@ -103,7 +103,7 @@ def draw_run(axes, rows: list[dict], label: str) -> None:
     accuracy, norm, coefficient, gains = axes
     for head in heads:
         style = dict(color=colours[head], marker="o", ms=3, label=head)
-        dashed = dict(color=colours[head], ls="--", alpha=0.75)
+        dashed = dict(color=colours[head], ls="--", marker="x", ms=3, alpha=0.75)
         draw(accuracy, series(rows, "val", head, "acc"), style)
         draw(accuracy, series(rows, "train", head, "acc"), dashed)
         draw(norm, series(rows, "val", head, "norm"), style)
@@ -129,8 +129,11 @@ def draw_run(axes, rows: list[dict], label: str) -> None:
         norm.set_yscale("log")
         norm.yaxis.set_major_formatter(ScalarFormatter())
         norm.yaxis.set_minor_formatter(NullFormatter())
+    epochs = [row["epoch"] for row in rows]
     for axis in axes:
-        axis.xaxis.set_major_locator(MaxNLocator(integer=True))
+        # Half an epoch of margin keeps integer ticks even when only one epoch is logged.
+        axis.set_xlim(min(epochs) - 0.5, max(epochs) + 0.5)
+        axis.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
         axis.set_xlabel("epoch", fontsize=8)
         axis.tick_params(labelsize=7)
         axis.grid(alpha=0.3)
