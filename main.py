@@ -4,8 +4,6 @@ Example: python main.py --dataset AVDigits --method olm --fusion bilinear --epoc
 """
 from __future__ import annotations
 
-import math
-
 import torch
 
 from config import build_parser, get_dataset_spec, resolve_config
@@ -15,7 +13,7 @@ from utils.cli import run_cli
 def run(cfg) -> dict:
     """Build data, model and method from ``cfg``, train, and return results.json's content."""
     from datasets.builders import build_data
-    from engines.methods import build_method
+    from engines.methods import build_method, method_from_config
     from engines.trainer import fit, make_loaders
     from models.late_fusion import LateFusionClassifier
     from utils.device import resolve_device
@@ -33,9 +31,7 @@ def run(cfg) -> dict:
     model = LateFusionClassifier(len(data.class_names), data.modalities, cfg.fusion).to(device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    steps_per_epoch = math.ceil(len(data.train) / cfg.batch_size)
-    method = build_method(cfg.method, model.heads, target_scale=cfg.target_scale,
-                          reference_steps=cfg.reference_steps or steps_per_epoch).to(device)
+    method = method_from_config(cfg, model.heads, len(data.train)).to(device)
     method.setup(model)
     loaders = make_loaders(cfg, data, device, method.needs_heldout)
     run_dir = prepare_run_dir(cfg, f"{spec.name}-{cfg.method}-{cfg.fusion}-s{cfg.seed}")

@@ -33,6 +33,7 @@ TRANS_HELP = {
     "visual_feature": "folder under <root>/features/ with the visual features",
     "text_feature": "folder under <root>/features/ with the text features",
     "feature_dim": "width D every feature file must have (0: the most common width per modality)",
+    "cpu_threads": "torch threads when training on the CPU (0: torch's default)",
     "out": "cross-validation folder: cv_results.json, folds.json, fold<k>/ run folders",
     "resume": "continue an interrupted cross-validation folder (finished folds are kept)",
 }
@@ -104,6 +105,10 @@ def run(cfg) -> dict:
     from utils.device import resolve_device
 
     device = resolve_device(cfg.device)
+    if device.type == "cpu" and cfg.cpu_threads > 0:
+        import torch
+
+        torch.set_num_threads(cfg.cpu_threads)
     spec = get_dataset_spec(cfg.dataset)
     if spec.kind != "mer":
         raise UserError(f"--dataset {spec.name} is an audio-visual clip dataset for late fusion; "
@@ -113,6 +118,9 @@ def run(cfg) -> dict:
     build_method(cfg.method, modalities + ("fusion",))  # fail fast on a bad method name
     out_dir = output_dir(cfg, f"{spec.name}-{cfg.model_type}-{cfg.method}-s{cfg.seed}")
     data = build_data(cfg, spec)
+    # A method that cannot drive this model (e.g. one needing late-fusion read-outs) must stop
+    # the run before the cross-validation folder is created.
+    build_method(cfg.method, modalities + ("fusion",)).setup(build_model(cfg, data))
     return run_cross_validation(cfg, data, device, out_dir, lambda: build_model(cfg, data))
 
 

@@ -9,7 +9,7 @@ step time of each and their ratio. Example:
 from __future__ import annotations
 
 import argparse
-import math
+import dataclasses
 import statistics
 import sys
 import time
@@ -31,15 +31,13 @@ def parse_args(argv=None):
 def build(cfg, method_name, data, device):
     import torch
 
-    from engines.methods import build_method
+    from engines.methods import method_from_config
     from engines.trainer import make_context, make_loaders
     from models.late_fusion import LateFusionClassifier
 
     torch.manual_seed(cfg.seed)  # same initial weights for both methods
     model = LateFusionClassifier(len(data.class_names), data.modalities, cfg.fusion).to(device)
-    steps = math.ceil(len(data.train) / cfg.batch_size)
-    method = build_method(method_name, model.heads, target_scale=cfg.target_scale,
-                          reference_steps=cfg.reference_steps or steps).to(device)
+    method = method_from_config(dataclasses.replace(cfg, method=method_name), model.heads, len(data.train)).to(device)
     method.setup(model)
     loaders = make_loaders(cfg, data, device, method.needs_heldout)
     return model, method, make_context(cfg, model, method, device), loaders

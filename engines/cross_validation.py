@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
-import torch
 from sklearn.metrics import f1_score
 from sklearn.model_selection import StratifiedKFold
 from torch.utils.data import DataLoader
@@ -114,6 +113,11 @@ def cv_table(results: dict) -> str:
                 entry = results["summary"][split][head][metric]
                 cells.append(f"{entry['mean']:.3f}±{entry['std']:.3f}".rjust(16))
         lines.append(f"{head:<8}" + "".join(cells))
+    lines.append("per fold, accuracy of each head (" + ", ".join(results["heads"]) + "):")
+    for fold in results["per_fold"]:
+        cells = ["  ".join(f"{fold['scores'][split][h]['acc']:.3f}" for h in results["heads"]) for split in splits]
+        lines.append(f"  fold {fold['fold']} (best epoch {fold['best_epoch']}): "
+                     + " | ".join(f"{split} {cell}" for split, cell in zip(splits, cells)))
     return "\n".join(lines)
 
 

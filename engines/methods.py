@@ -7,6 +7,7 @@ second optimizer (``coefficient_parameters`` + ``coefficient_loss``). The loop d
 """
 from __future__ import annotations
 
+import math
 from typing import Callable, Mapping, Sequence
 
 import torch
@@ -121,3 +122,11 @@ def build_method(name: str, heads: Sequence[str], **options) -> Method:
     if name not in METHODS:
         raise UserError(f"unknown method {name!r} (--method); choose one of: {', '.join(sorted(METHODS))}")
     return METHODS[name](heads, **options)
+
+
+def method_from_config(cfg, heads: Sequence[str], train_size: int) -> Method:
+    """The method a run's config asks for; OLM's reference spans one epoch unless
+    ``--reference-steps`` says otherwise."""
+    steps_per_epoch = math.ceil(train_size / cfg.batch_size)
+    return build_method(cfg.method, heads, target_scale=cfg.target_scale,
+                        reference_steps=cfg.reference_steps or steps_per_epoch, alpha=cfg.ogm_alpha)

@@ -11,7 +11,8 @@ if [[ $# -lt 1 || "$1" == "-h" || "$1" == "--help" ]]; then
   exit $([[ $# -lt 1 ]] && echo 2 || echo 0)
 fi
 GPU=$1; shift
-DATASET=${1:-AVDigits}; [[ $# -gt 0 ]] && shift
+DATASET=AVDigits
+if [[ $# -gt 0 && "$1" != -* ]]; then DATASET=$1; shift; fi
 if [[ "$GPU" == "cpu" ]]; then DEVICE=cpu; elif [[ "$GPU" =~ ^[0-9]+$ ]]; then DEVICE="cuda:$GPU"; else
   echo "error: GPU must be a CUDA index or 'cpu', got '$GPU'" >&2; exit 2; fi
 cd "$(dirname "$0")/.."

@@ -3,9 +3,9 @@ validation/test that score each sample once, and torchrun on main.py."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,11 +14,14 @@ from torch.utils.data import DataLoader, RandomSampler
 
 from config import Config
 from engines.engines_logits_com import StepContext, evaluate
-from tests.scaling_fixtures import (REPO, TINY_FLAGS, VectorDataset, VectorModel, full_avdigits, script_env,
-                                    tiny_avdigits, vector_data)
+from tests.scaling_fixtures import (REPO, TINY_FLAGS, VectorModel, full_avdigits, script_env, tiny_avdigits,
+                                    vector_data)
 from utils.distributed_data import ShardedSampler
 
 WORLD = 2
+# OLM; a method that leaves parameters unused (DDP must be told); one that edits gradients
+# after backward from statistics every rank must share (OGM-GE on detached read-out heads).
+METHODS = ("olm", "audio_only", "ogm_ge")
 
 
 # -- the sampler ---------------------------------------------------------------------------------
@@ -54,7 +57,7 @@ def ddp_worker(rank: int, store: str, out_dir: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD)
     try:
-        for method_name in ("olm", "audio_only"):
+        for method_name in METHODS:
             cfg = Config(method=method_name, epochs=2, batch_size=16, heldout_batch_size=8, lr=1e-2,
                          coef_lr=5e-2, seed=0, progress=False, plots=False, device="cpu")
             seed_everything(cfg.seed)
@@ -62,15 +65,27 @@ def ddp_worker(rank: int, store: str, out_dir: str) -> None:
             model = VectorModel()
             method = build_method(method_name, model.heads, reference_steps=3)
             loaders = make_loaders(cfg, data, torch.device("cpu"), method.needs_heldout)
-            run_dir = os.path.join(out_dir, method_name)
-            os.makedirs(run_dir, exist_ok=True)
-            fit(cfg, model, method, loaders, run_dir=__import__("pathlib").Path(run_dir), device=torch.device("cpu"))
+            run_dir = Path(out_dir) / method_name
+            run_dir.mkdir(exist_ok=True)
+            fit(cfg, model, method, loaders, run_dir, torch.device("cpu"))
             test_count = distributed.all_reduce_sum(evaluate(model, loaders.test, model.heads, StepContext(
                 device=torch.device("cpu"), network_optimizer=None, progress=False)).count)
             torch.save({"model": model.state_dict(), "method": method.state_dict(), "test_count": test_count},
-                       os.path.join(out_dir, f"{method_name}-rank{rank}.pt"))
+                       Path(out_dir) / f"{method_name}-rank{rank}.pt")
     finally:
         dist.destroy_process_group()
+
+
+def assert_identical(a, b, where):
+    """Equal tensors, bit for bit, through nested dicts (a method's extra state is a dict)."""
+    if isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for key in a:
+            assert_identical(a[key], b[key], (*where, key))
+    elif torch.is_tensor(a):
+        assert torch.equal(a, b), where
+    else:
+        assert a == b, where
 
 
 def single_process_metrics(model, dataset, heads):
@@ -89,11 +104,10 @@ def test_two_ranks_keep_identical_coefficients_and_evaluate_like_one_process(tmp
     import torch.multiprocessing as mp
 
     mp.spawn(ddp_worker, args=(str(tmp_path / "store"), str(tmp_path)), nprocs=WORLD, join=True)
-    for method_name in ("olm", "audio_only"):
+    for method_name in METHODS:
         ranks = [torch.load(tmp_path / f"{method_name}-rank{r}.pt", weights_only=True) for r in range(WORLD)]
         for part in ("model", "method"):
-            for key, value in ranks[0][part].items():
-                assert torch.equal(value, ranks[1][part][key]), (method_name, part, key)
+            assert_identical(ranks[0][part], ranks[1][part], (method_name, part))
         assert ranks[0]["test_count"] == 31  # 31 test samples on 2 ranks: none repeated
         run_dir = tmp_path / method_name
         assert len(list((run_dir / "tensorboard").iterdir())) == 1  # rank 0 alone logs
@@ -104,9 +118,9 @@ def test_two_ranks_keep_identical_coefficients_and_evaluate_like_one_process(tmp
         data = vector_data()
         assert_same_metrics(rows[-1]["val"], single_process_metrics(model, data.val, model.heads))
         assert_same_metrics(rows[-1]["test"], single_process_metrics(model, data.test, model.heads))
-    coefficients = ranks_coefficients = torch.load(tmp_path / "olm-rank0.pt", weights_only=True)["method"]
-    assert not torch.allclose(coefficients["modulator.coefficients"], torch.ones(3))  # OLM did move them
-    assert ranks_coefficients["modulator.reference_count"] == 3
+    olm_state = torch.load(tmp_path / "olm-rank0.pt", weights_only=True)["method"]
+    assert not torch.allclose(olm_state["modulator.coefficients"], torch.ones(3))  # OLM did move them
+    assert olm_state["modulator.reference_count"] == 3
 
 
 # -- torchrun on the real entry point ---------------------------------------------------------------
@@ -116,7 +130,7 @@ def tiny(tmp_path_factory):
     return tiny_avdigits(full_avdigits(cache), tmp_path_factory.mktemp("tiny") / "AVDigits"), cache
 
 
-def test_torchrun_main_writes_once_and_matches_a_single_process_evaluation(tiny, tmp_path):
+def test_torchrun_main_writes_once_and_matches_a_single_process_evaluation(tiny, tmp_path, monkeypatch):
     from config import build_parser, get_dataset_spec, resolve_config
     from datasets.builders import build_data
     from models.late_fusion import LateFusionClassifier
@@ -132,7 +146,7 @@ def test_torchrun_main_writes_once_and_matches_a_single_process_evaluation(tiny,
     row = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
     assert row["step"] == 4  # 32 clips, global batch 8: 4 steps, each rank loading 4 clips
 
-    os.environ["OLM_CACHE"] = str(cache)
+    monkeypatch.setenv("OLM_CACHE", str(cache))
     cfg = resolve_config(build_parser("test").parse_args(flags))
     data = build_data(cfg, get_dataset_spec(cfg.dataset))
     model = LateFusionClassifier(len(data.class_names), data.modalities, cfg.fusion)

@@ -4,7 +4,6 @@ import csv
 import json
 import logging
 import subprocess
-import sys
 from collections import Counter
 from pathlib import Path
 
@@ -15,6 +14,7 @@ import soundfile as sf
 import torch
 
 import datasets.mer as mer
+import datasets.mer_labels as mer_labels
 from config import Config
 from datasets.mer import collate_padded, load_feature_data
 from datasets.mer_avdigits import MARKER_NAME, convert
@@ -133,7 +133,7 @@ def test_npz_labels_are_read_only_when_named(mer_root, monkeypatch):
     def refuse(path):
         raise AssertionError(f"pickle file {path} read without being named")
 
-    monkeypatch.setattr(mer, "read_label_npz", refuse)
+    monkeypatch.setattr(mer_labels, "read_label_npz", refuse)
     assert len(load_feature_data(config(mer_root), mer_root).pool) == 30  # npz beside it, untouched
     (mer_root / "labels.csv").unlink()
     with pytest.raises(UserError, match="label-6way.npz exists but needs pickle.*--label-file"):

@@ -256,6 +256,7 @@ def render_figure(summary: dict, out: Path) -> Path:
     figure, (bars, ratio) = plt.subplots(1, 2, figsize=(max(8, 1.3 * len(methods) + 4), 4.2),
                                          gridspec_kw={"width_ratios": [3, 1.4]})
     width = 0.8 / max(len(heads), 1)
+    tops = [100 * summary["reference"][1]] if summary["reference"] else []
     for i, head in enumerate(heads):
         xs, means, stds = [], [], []
         for x, method in enumerate(methods):
@@ -265,13 +266,15 @@ def render_figure(summary: dict, out: Path) -> Path:
                 means.append(100 * stats["acc"][0])
                 stds.append(100 * stats["acc"][1])
         bars.bar(xs, means, width, yerr=stds, capsize=2, color=colours[head], label=head)
+        tops += [m + s for m, s in zip(means, stds)]
     if summary["reference"]:
         bars.axhline(100 * summary["reference"][1], color="black", ls=":", lw=1,
                      label=f"best unimodal ({summary['reference'][0]})")
     bars.set_xticks(range(len(methods)), methods, rotation=30, ha="right", fontsize=8)
     bars.set_ylabel("test accuracy (%)")
     bars.set_title("per-head test accuracy at the best-on-val epoch", fontsize=9)
-    bars.legend(fontsize=7)
+    bars.set_ylim(0, 1.3 * max(tops + [1.0]))  # headroom so the legend covers no bar
+    bars.legend(fontsize=7, loc="upper left", ncol=2)
     shown = [m for m in methods if summary["methods"][m]["norm_ratio"]]
     ratio.bar(range(len(shown)), [summary["methods"][m]["norm_ratio"][0] for m in shown],
               yerr=[summary["methods"][m]["norm_ratio"][1] for m in shown], capsize=2, color="gray")
