@@ -235,7 +235,24 @@ def resolve_config(args: argparse.Namespace) -> Config:
     dataset = values.get("dataset", from_file.get("dataset", saved.get("dataset", Config.dataset)))
     spec = get_dataset_spec(dataset)
     merged = {**spec.defaults, **saved, **from_file, **values, "dataset": spec.name}
-    return Config(**merged)
+    return validate(Config(**merged))
+
+
+POSITIVE = ("epochs", "batch_size", "heldout_every", "heldout_batch_size", "fps", "image_size",
+            "sample_rate", "n_fft", "hop_length", "spec_frames")
+
+
+def validate(cfg: Config) -> Config:
+    """Catch values that would otherwise fail deep inside training with a traceback."""
+    for name in POSITIVE:
+        if getattr(cfg, name) < 1:
+            raise UserError(f"{_flag(name)} must be at least 1, got {getattr(cfg, name)}")
+    for name in ("lr", "coef_lr", "audio_seconds"):
+        if not getattr(cfg, name) > 0:
+            raise UserError(f"{_flag(name)} must be positive, got {getattr(cfg, name)}")
+    if cfg.target_scale not in ("reference", "mean"):
+        raise UserError(f"--target-scale must be reference or mean, got {cfg.target_scale!r}")
+    return cfg
 
 
 def resumed_options(resume: str) -> dict[str, Any]:

@@ -25,6 +25,7 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+from utils.errors import UserError
 
 ASSETS_DIR = Path(__file__).resolve().parent.parent / "data" / "AVDigits"
 CLASS_NAMES = ("zero", "one", "two", "three", "four",
@@ -56,7 +57,7 @@ DEFAULT_SPLIT = (0.7, 0.15, 0.15)
 logger = logging.getLogger(__name__)
 
 
-class AVDigitsError(Exception):
+class AVDigitsError(UserError):
     """A problem the user can fix (bad argument, missing or corrupt asset, bad root)."""
 
 

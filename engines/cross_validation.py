@@ -124,7 +124,6 @@ def cv_table(results: dict) -> str:
 def run_fold(cfg, k: int, fold_dir: Path, data, train_idx, val_idx, device, build_model: Callable) -> dict:
     from datasets.builders import DataBundle
     from datasets.mer import collate_padded
-    from utils.distributed_setup import wrap_model
     from utils.run_dir import prepare_run_dir
     from utils.seed import seed_everything
 
@@ -146,7 +145,7 @@ def run_fold(cfg, k: int, fold_dir: Path, data, train_idx, val_idx, device, buil
     extra = {"fold": k, "folds": cfg.folds, "model_type": cfg.model_type, "modalities": list(data.modalities),
              "classes": data.class_names, "run_dir": str(run_dir),
              "samples": {"train": len(train), "val": len(val), **{n: len(d) for n, d in data.tests.items()}}}
-    results = fit(fold_cfg, wrap_model(model, device), method, loaders, run_dir, device, extra_results=extra)
+    results = fit(fold_cfg, model, method, loaders, run_dir, device, extra_results=extra)
     results["scores"] = score_checkpoint(model, run_dir / "best.pt", {"val": val, **data.tests}, model.heads,
                                          cfg, collate_padded, device)
     if distributed.is_main():

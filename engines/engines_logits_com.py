@@ -177,7 +177,7 @@ def train_step(model, method: Method, batch, heldout_iter, ctx: StepContext, met
         for parameter in coefficients:
             if parameter.grad is not None:  # DDP does not see w: average it here, as DDP would
                 parameter.grad.copy_(distributed.all_reduce_mean(parameter.grad))
-        diagnostics.add(method.diagnostics())
+    diagnostics.add(method.diagnostics())  # OLM's ratios and gains, OGM-GE's modulation
 
     step_coefficients = ctx.coefficient_optimizer is not None
     if ctx.scaler:

@@ -242,7 +242,7 @@ def test_split_with_no_clip_on_disk_names_the_root(tmp_path):
         wav.unlink()  # all training audio
     with pytest.raises(UserError, match="train split has no usable clips") as error:
         build("AVE", tmp_path)
-    assert f"--data-root {tmp_path}" in str(error.value)
+    assert str(tmp_path) in str(error.value) and "--data-root" in str(error.value)
 
 
 def test_vggsound_with_nothing_on_disk_names_the_root(tmp_path):
