@@ -19,12 +19,11 @@ import hashlib
 import io
 import json
 import logging
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
+
+from utils.atomic_dir import build_folder_atomically
 from utils.errors import UserError
 
 ASSETS_DIR = Path(__file__).resolve().parent.parent / "data" / "AVDigits"
@@ -315,25 +314,6 @@ def materialize(root, *, seed=DEFAULT_SEED, audio_snr_db=DEFAULT_AUDIO_SNR_DB,
         raise AVDigitsError(f"refusing to replace {root}: it exists and was not written by "
                             f"AV-Digits (no {MARKER_NAME}); choose another folder.")
     clips, skipped = decode_clips(rows, assets_dir)
-    root.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{root.name}.building-", dir=root.parent))
-    retired = None
-    try:
-        build_into(staging, params, clips, fingerprint, skipped)
-        if root.exists():
-            retired = Path(tempfile.mkdtemp(prefix=f".{root.name}.old-", dir=root.parent))
-            os.rename(root, retired / root.name)
-        try:
-            os.rename(staging, root)
-        except OSError:
-            # Another process finished the same build first: keep theirs if it matches.
-            if not is_current(read_marker(root), params, fingerprint):
-                raise AVDigitsError(f"could not move the built dataset into {root}; "
-                                    "another process may be writing there.")
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-        if retired is not None:
-            if not root.exists() and (retired / root.name).exists():
-                os.rename(retired / root.name, root)   # the swap failed: put the old copy back
-            shutil.rmtree(retired, ignore_errors=True)
-    return root
+    return build_folder_atomically(
+        root, lambda staging: build_into(staging, params, clips, fingerprint, skipped),
+        lambda: is_current(read_marker(root), params, fingerprint))

@@ -17,14 +17,13 @@ import csv
 import json
 import logging
 import os
-import shutil
-import tempfile
 import zlib
 from pathlib import Path
 
 import numpy as np
 
 from config import cache_home
+from utils.atomic_dir import build_folder_atomically
 from utils.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -164,27 +163,12 @@ def convert(source: Path, root: Path, force: bool = False) -> Path:
         return root
     if root.exists() and (not root.is_dir() or (marker is None and any(root.iterdir()))):
         raise UserError(f"refusing to replace {root}: it exists and holds no {MARKER_NAME}; choose another --data-root")
-    root.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{root.name}.building-", dir=root.parent))
-    retired = None
-    try:
+
+    def build(staging: Path) -> None:
         counts = write_features(source, staging)
         (staging / MARKER_NAME).write_text(json.dumps({**expected, **counts}, indent=2) + "\n")
-        if root.exists():
-            retired = Path(tempfile.mkdtemp(prefix=f".{root.name}.old-", dir=root.parent))
-            os.rename(root, retired / root.name)
-        try:
-            os.rename(staging, root)
-        except OSError:
-            if not is_current(read_json(root / MARKER_NAME), expected):  # another process won the race
-                raise UserError(f"could not move the converted features into {root}") from None
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-        if retired is not None:
-            if not root.exists() and (retired / root.name).exists():
-                os.rename(retired / root.name, root)
-            shutil.rmtree(retired, ignore_errors=True)
-    return root
+
+    return build_folder_atomically(root, build, lambda: is_current(read_json(root / MARKER_NAME), expected))
 
 
 def build_avdigits_features(cfg, spec):

@@ -115,10 +115,7 @@ def olm_loss_ratio(heads, target_scale="reference", **options):
 
 def build_method(name: str, heads: Sequence[str], **options) -> Method:
     # Baselines live in their own module and register themselves on import.
-    try:
-        import engines.baselines  # noqa: F401
-    except ImportError:
-        pass
+    import engines.baselines  # noqa: F401
     if name not in METHODS:
         raise UserError(f"unknown method {name!r} (--method); choose one of: {', '.join(sorted(METHODS))}")
     return METHODS[name](heads, **options)

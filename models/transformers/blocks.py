@@ -190,6 +190,8 @@ class ClassifierHead(nn.Module):
 
 def learned_tokens(count, d_model):
     """Shared learned tokens (bottleneck or pivot), shape (1, count, d_model)."""
+    if count < 1:
+        raise ValueError(f"num_bottleneck must be at least 1, got {count}.")
     tokens = nn.Parameter(torch.zeros(1, count, d_model))
     nn.init.trunc_normal_(tokens, std=0.02)
     return tokens

@@ -23,8 +23,6 @@ class EMT(MidFusionTransformer):
                  num_heads=8, num_bottleneck=12, dropout=0.1, dim_feedforward=None):
         super().__init__(modalities, input_dims, num_classes, d_model, num_layers,
                          num_heads, dropout, dim_feedforward)
-        if num_bottleneck < 1:
-            raise ValueError(f"num_bottleneck must be at least 1, got {num_bottleneck}.")
         self.num_pivots = num_bottleneck
         self.pivots = learned_tokens(num_bottleneck, d_model)
         num_modalities = len(self.modalities)
