@@ -13,7 +13,7 @@ from utils.cli import run_cli
 def run(cfg) -> dict:
     """Build data, model and method from ``cfg``, train, and return results.json's content."""
     from datasets.builders import build_data
-    from engines.methods import build_method, method_from_config
+    from engines.methods import check_method_name, method_from_config
     from engines.trainer import fit, make_loaders
     from models.late_fusion import LateFusionClassifier
     from utils.device import resolve_device
@@ -24,8 +24,7 @@ def run(cfg) -> dict:
     spec = get_dataset_spec(cfg.dataset)
     if spec.kind != "av":
         raise_wrong_entry(spec.name)
-    method_probe = build_method(cfg.method, ("audio", "visual", "fusion"))  # fail fast on a bad name
-    del method_probe
+    check_method_name(cfg.method)  # before any data is materialized or loaded
     data = build_data(cfg, spec)
     seed_everything(cfg.seed)
     model = LateFusionClassifier(len(data.class_names), data.modalities, cfg.fusion).to(device)
@@ -62,15 +61,9 @@ def main(argv=None) -> None:
         print(summary_table(results))
         print(f"run folder: {results['run_dir']}")
         if cfg.plots:
-            write_plots(results["run_dir"])
+            from utils.plot import plot_run
 
-
-def write_plots(run_dir: str) -> None:
-    try:
-        from utils.plot import plot_run
-    except ImportError:
-        return
-    plot_run(run_dir)
+            print(f"figure: {plot_run(results['run_dir'])}")
 
 
 if __name__ == "__main__":

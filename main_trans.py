@@ -133,13 +133,13 @@ def main(argv=None) -> None:
         results = run(cfg)
     if distributed.is_main():
         from engines.cross_validation import cv_table
-        from main import write_plots
+        from utils.plot import plot_run
 
         print(cv_table(results))
         print(f"cross-validation folder: {results['run_dir']}")
         if cfg.plots:
             for fold in results["per_fold"]:
-                write_plots(fold["run_dir"])
+                plot_run(fold["run_dir"])
 
 
 if __name__ == "__main__":

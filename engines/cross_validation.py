@@ -9,7 +9,6 @@ scores and their mean and standard deviation over folds.
 from __future__ import annotations
 
 import dataclasses
-import math
 import time
 from collections import Counter
 from pathlib import Path
@@ -21,7 +20,7 @@ from sklearn.model_selection import StratifiedKFold
 from torch.utils.data import DataLoader
 
 from engines.engines_logits_com import StepContext, evaluate
-from engines.methods import build_method
+from engines.methods import method_from_config
 from engines.trainer import fit, make_loaders
 from utils import distributed
 from utils.checkpoint import load_checkpoint
@@ -136,9 +135,7 @@ def run_fold(cfg, k: int, fold_dir: Path, data, train_idx, val_idx, device, buil
     fold_cfg = dataclasses.replace(cfg, out=str(fold_dir), resume=resume)
     seed_everything(cfg.seed)
     model = build_model().to(device)
-    steps_per_epoch = math.ceil(len(train) / cfg.batch_size)
-    method = build_method(cfg.method, model.heads, target_scale=cfg.target_scale,
-                          reference_steps=cfg.reference_steps or steps_per_epoch).to(device)
+    method = method_from_config(cfg, model.heads, len(train)).to(device)
     method.setup(model)
     loaders = make_loaders(fold_cfg, bundle, device, method.needs_heldout)
     run_dir = prepare_run_dir(fold_cfg, fold_dir.name)

@@ -113,11 +113,15 @@ def olm_loss_ratio(heads, target_scale="reference", **options):
     return OLM(heads, target="loss_ratio", target_scale=target_scale, **options)
 
 
-def build_method(name: str, heads: Sequence[str], **options) -> Method:
+def check_method_name(name: str) -> None:
     # Baselines live in their own module and register themselves on import.
     import engines.baselines  # noqa: F401
     if name not in METHODS:
         raise UserError(f"unknown method {name!r} (--method); choose one of: {', '.join(sorted(METHODS))}")
+
+
+def build_method(name: str, heads: Sequence[str], **options) -> Method:
+    check_method_name(name)
     return METHODS[name](heads, **options)
 
 
