@@ -23,6 +23,10 @@ from utils.plot import read_rows
 METHOD_ORDER = ("audio_only", "visual_only", "joint", "fusion_only", "ogm_ge", "olm", "olm_loss_ratio", "olm_mean")
 # Config keys that may differ between runs of one fair comparison.
 PER_RUN_KEYS = {"method", "seed", "out", "resume", "device", "progress", "plots", "workers", "data_root"}
+# Options only some methods read (OLM's held-out pass and coefficients, OGM-GE's alpha): they
+# must agree among runs of one method, not across methods that ignore them.
+METHOD_KEYS = {"heldout_every", "heldout_batch_size", "reference_steps", "target_scale",
+               "coef_lr", "coef_weight_decay", "ogm_alpha"}
 NORM_SPLITS = ("val", "train")
 
 
@@ -164,7 +168,9 @@ def protocol_differences(runs: list[Run]) -> dict[str, list]:
             raise UserError(f"{path} is not valid YAML") from None
         config = config or {k: run.results.get(k) for k in ("dataset", "fusion", "epochs")}
         for key, value in config.items():
-            if key not in PER_RUN_KEYS:
+            if key in METHOD_KEYS:
+                values[f"{key} ({run.method})"].add(json.dumps(value, sort_keys=True))
+            elif key not in PER_RUN_KEYS:
                 values[key].add(json.dumps(value, sort_keys=True))
     return {k: sorted(v) for k, v in values.items() if len(v) > 1}
 
