@@ -200,19 +200,32 @@ HELP = {
 }
 
 
-def build_parser(description: str) -> argparse.ArgumentParser:
+# Options only main_trans.py reads; main.py leaves them out of its --help.
+MID_FUSION_FIELDS = ("model_type", "modalities", "d_model", "num_layers", "num_heads", "num_bottleneck",
+                     "dropout", "folds", "max_folds", "fold_seed", "label_file", "audio_feature",
+                     "visual_feature", "text_feature", "feature_dim", "cpu_threads")
+
+
+def build_parser(description: str, skip=(), help_text: dict[str, str] | None = None,
+                 shown_defaults: dict[str, Any] | None = None) -> argparse.ArgumentParser:
+    """One flag per Config field (except ``skip``); ``help_text`` overrides HELP per field and
+    ``shown_defaults`` the default printed for it (an entry point's own default)."""
     parser = argparse.ArgumentParser(description=description,
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--config", help="YAML file of config values (flags override it)")
     defaults = Config()
+    helps = {**HELP, **(help_text or {})}
     for f in dataclasses.fields(Config):
-        default = getattr(defaults, f.name)
+        if f.name in skip:
+            continue
+        default = (shown_defaults or {}).get(f.name, getattr(defaults, f.name))
         kwargs: dict[str, Any] = dict(dest=f.name, default=argparse.SUPPRESS,
-                                      help=HELP.get(f.name, f.name.replace("_", " ")) + f" [{default}]")
-        if isinstance(default, bool):
+                                      help=helps.get(f.name, f.name.replace("_", " ")) + f" [{default}]")
+        field_default = getattr(defaults, f.name)
+        if isinstance(field_default, bool):
             kwargs["action"] = argparse.BooleanOptionalAction
         else:
-            kwargs["type"] = type(default) if default is not None else str
+            kwargs["type"] = type(field_default) if field_default is not None else str
         parser.add_argument(_flag(f.name), **kwargs)
     return parser
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from config import build_parser, get_dataset_spec, resolve_config
+from config import MID_FUSION_FIELDS, build_parser, get_dataset_spec, resolve_config
 from utils.cli import run_cli
 
 
@@ -48,7 +48,7 @@ def raise_wrong_entry(name: str):
 
 
 def main(argv=None) -> None:
-    parser = build_parser("Train a late-fusion audio-visual model with OLM or a baseline.")
+    parser = build_parser("Train a late-fusion audio-visual model with OLM or a baseline.", skip=MID_FUSION_FIELDS)
     cfg = resolve_config(parser.parse_args(argv))
     from utils.distributed_setup import distributed_session
 

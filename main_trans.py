@@ -40,15 +40,9 @@ TRANS_HELP = {
 
 
 def make_parser() -> argparse.ArgumentParser:
-    parser = build_parser("Train a mid-fusion transformer with OLM or a baseline, with k-fold "
-                          "cross-validation (OLM-Trans).")
-    for action in parser._actions:
-        if action.dest in TRANS_HELP:
-            default = action.help.rsplit(" [", 1)[-1] if "[" in (action.help or "") else ""
-            if action.dest == "dataset":
-                default = f"{DEFAULT_DATASET}]"
-            action.help = TRANS_HELP[action.dest] + (f" [{default}" if default else "")
-    return parser
+    return build_parser("Train a mid-fusion transformer with OLM or a baseline, with k-fold "
+                        "cross-validation (OLM-Trans).", help_text=TRANS_HELP,
+                        shown_defaults={"dataset": DEFAULT_DATASET})
 
 
 def dataset_named(args: argparse.Namespace) -> bool:
