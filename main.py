@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 
 from config import MID_FUSION_FIELDS, build_parser, get_dataset_spec, resolve_config
-from utils.cli import run_cli
+from utils.cli import run_cli, run_on_every_rank
 
 
 def run(cfg) -> dict:
@@ -50,12 +50,8 @@ def raise_wrong_entry(name: str):
 def main(argv=None) -> None:
     parser = build_parser("Train a late-fusion audio-visual model with OLM or a baseline.", skip=MID_FUSION_FIELDS)
     cfg = resolve_config(parser.parse_args(argv))
-    from utils.distributed_setup import distributed_session
-
-    with distributed_session(cfg):
-        results = run(cfg)
-    from utils import distributed
-    if distributed.is_main():
+    results = run_on_every_rank(cfg, run)
+    if results is not None:
         from utils.report import summary_table
 
         print(summary_table(results))

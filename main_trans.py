@@ -10,7 +10,7 @@ import argparse
 from pathlib import Path
 
 from config import build_parser, get_dataset_spec, resolve_config
-from utils.cli import run_cli
+from utils.cli import run_cli, run_on_every_rank
 from utils.errors import UserError
 
 DEFAULT_DATASET = "AVDigitsFeatures"
@@ -120,12 +120,8 @@ def run(cfg) -> dict:
 
 def main(argv=None) -> None:
     cfg = parse_config(argv)
-    from utils import distributed
-    from utils.distributed_setup import distributed_session
-
-    with distributed_session(cfg):
-        results = run(cfg)
-    if distributed.is_main():
+    results = run_on_every_rank(cfg, run)
+    if results is not None:
         from engines.cross_validation import cv_table
         from utils.plot import plot_run
 

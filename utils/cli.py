@@ -18,3 +18,14 @@ def run_cli(main: Callable[[], object]) -> None:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+
+
+def run_on_every_rank(cfg, run: Callable[[object], dict]) -> dict | None:
+    """Run ``run(cfg)`` in this process's torchrun group (or alone); return its results on the
+    process that reports (rank 0), None on the others."""
+    from utils import distributed
+    from utils.distributed_setup import distributed_session
+
+    with distributed_session(cfg):
+        results = run(cfg)
+    return results if distributed.is_main() else None
