@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from config import MID_FUSION_FIELDS, build_parser, get_dataset_spec, resolve_config
+from config import MID_FUSION_FIELDS, entry_parser, get_dataset_spec, resolve_config
 from utils.cli import run_cli, run_on_every_rank
 
 
@@ -15,19 +15,24 @@ def run(cfg) -> dict:
     from datasets.builders import build_data
     from engines.methods import check_method_name, method_from_config
     from engines.trainer import fit, make_loaders
-    from models.late_fusion import LateFusionClassifier
+    from models.encoders import late_fusion_model
+    from utils import distributed
+    from utils.checkpoint import prune_checkpoints
     from utils.device import resolve_device
     from utils.run_dir import prepare_run_dir
     from utils.seed import seed_everything
 
     device = resolve_device(cfg.device)
+    if device.type == "cpu" and cfg.cpu_threads > 0:
+        # AV-Digits: one compute thread beside one loader worker beats two threads fighting it.
+        torch.set_num_threads(cfg.cpu_threads)
     spec = get_dataset_spec(cfg.dataset)
     if spec.kind != "av":
         raise_wrong_entry(spec.name)
     check_method_name(cfg.method)  # before any data is materialized or loaded
     data = build_data(cfg, spec)
     seed_everything(cfg.seed)
-    model = LateFusionClassifier(len(data.class_names), data.modalities, cfg.fusion).to(device)
+    model = late_fusion_model(cfg, len(data.class_names), data.modalities).to(device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     method = method_from_config(cfg, model.heads, len(data.train)).to(device)
@@ -37,6 +42,8 @@ def run(cfg) -> dict:
     # fit() wraps the model in DDP under torchrun (it knows which parameters the method trains).
     results = fit(cfg, model, method, loaders, run_dir, device,
                   extra_results={"classes": data.class_names, "run_dir": str(run_dir)})
+    if distributed.is_main():
+        prune_checkpoints(run_dir, cfg.keep_checkpoints)
     return results
 
 
@@ -48,8 +55,9 @@ def raise_wrong_entry(name: str):
 
 
 def main(argv=None) -> None:
-    parser = build_parser("Train a late-fusion audio-visual model with OLM or a baseline.", skip=MID_FUSION_FIELDS)
-    cfg = resolve_config(parser.parse_args(argv))
+    parser = entry_parser("Train a late-fusion audio-visual model with OLM or a baseline.", argv,
+                          skip=MID_FUSION_FIELDS)
+    cfg = resolve_config(parser.parse_args(argv if argv is None else [str(a) for a in argv]))
     results = run_on_every_rank(cfg, run)
     if results is not None:
         from utils.report import summary_table

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from config import build_parser, get_dataset_spec, resolve_config
+from config import LATE_FUSION_FIELDS, entry_parser, get_dataset_spec, resolve_config
 from utils.cli import run_cli, run_on_every_rank
 from utils.errors import UserError
 
@@ -23,6 +23,10 @@ TRANS_HELP = {
     "d_model": "transformer width", "num_layers": "fusion layers", "num_heads": "attention heads",
     "num_bottleneck": "bottleneck tokens (MBT) or pivot tokens (EMT, UMT); unused by CA",
     "dropout": "dropout in the transformer layers",
+    "dim_feedforward": "hidden width of the feed-forward blocks (0: the released width for the model "
+                       "type scaled to --d-model: EMT 4/3 x d_model, MBT/UMT/CA 8/3 x d_model)",
+    "selection_metric": "validation metric of the selection head that picks each fold's best epoch: "
+                        "f1_weighted (MER2023's emotion metric) or acc",
     "folds": "cross-validation folds of the train pool",
     "max_folds": "train only the first N folds (0: all), for quick runs",
     "fold_seed": "seed of the stratified fold assignment (kept apart from --seed)",
@@ -35,14 +39,15 @@ TRANS_HELP = {
     "feature_dim": "width D every feature file must have (0: the most common width per modality)",
     "cpu_threads": "torch threads when training on the CPU (0: torch's default)",
     "out": "cross-validation folder: cv_results.json, folds.json, fold<k>/ run folders",
-    "resume": "continue an interrupted cross-validation folder (finished folds are kept)",
+    "resume": "continue an interrupted cross-validation folder with the options it was started with "
+              "(its config.yaml); finished folds are kept; flags that change what is trained are refused",
 }
 
 
-def make_parser() -> argparse.ArgumentParser:
-    return build_parser("Train a mid-fusion transformer with OLM or a baseline, with k-fold "
-                        "cross-validation (OLM-Trans).", help_text=TRANS_HELP,
-                        shown_defaults={"dataset": DEFAULT_DATASET})
+def make_parser(argv=None) -> argparse.ArgumentParser:
+    return entry_parser("Train a mid-fusion transformer with OLM or a baseline, with k-fold "
+                        "cross-validation (OLM-Trans).", argv, skip=LATE_FUSION_FIELDS, help_text=TRANS_HELP,
+                        default_dataset=DEFAULT_DATASET)
 
 
 def dataset_named(args: argparse.Namespace) -> bool:
@@ -60,8 +65,44 @@ def dataset_named(args: argparse.Namespace) -> bool:
     return False
 
 
+def given_options(args: argparse.Namespace) -> dict:
+    """The options the user set: flags, and the --config file's values beneath them."""
+    given = {k: v for k, v in vars(args).items() if k != "config"}
+    if getattr(args, "config", None):
+        import yaml
+
+        try:
+            from_file = yaml.safe_load(Path(args.config).read_text()) or {}
+        except (OSError, yaml.YAMLError) as error:
+            raise UserError(f"cannot read --config {args.config}: {error}") from None
+        given = {**from_file, **given} if isinstance(from_file, dict) else given
+    return given
+
+
+def resumed_config(args: argparse.Namespace):
+    """--resume of a cross-validation folder: its saved options, for the folds done and those
+    to come; a flag that would change what is trained is one sentence, never a silent mix."""
+    import dataclasses
+
+    from config import Config, validate
+    from engines.cross_validation import refuse_conflicts, saved_options
+
+    saved = saved_options(args.resume)
+    given = given_options(args)
+    if "dataset" in given:  # compare the canonical spelling
+        given["dataset"] = get_dataset_spec(str(given["dataset"])).name
+    refuse_conflicts(args.resume, saved, given, "this cross-validation folder")
+    known = {f.name for f in dataclasses.fields(Config)}
+    values = {k: v for k, v in {**saved, **given}.items() if k in known}
+    return validate(Config(**values))
+
+
 def parse_config(argv=None):
-    args = make_parser().parse_args(argv)
+    from engines.cross_validation import is_cv_folder
+
+    args = make_parser(argv).parse_args(argv if argv is None else [str(a) for a in argv])
+    if is_cv_folder(getattr(args, "resume", None)):
+        return resumed_config(args)
     if not dataset_named(args):
         args.dataset = DEFAULT_DATASET
     return resolve_config(args)
@@ -80,6 +121,8 @@ def check_model_flags(cfg) -> None:
         raise UserError(f"--d-model {cfg.d_model} must be divisible by --num-heads {cfg.num_heads}")
     if not 0.0 <= cfg.dropout < 1.0:
         raise UserError(f"--dropout must be in [0, 1), got {cfg.dropout}")
+    if cfg.dim_feedforward < 0:
+        raise UserError(f"--dim-feedforward must be 0 (the released width) or positive, got {cfg.dim_feedforward}")
 
 
 def build_model(cfg, data):
@@ -87,7 +130,10 @@ def build_model(cfg, data):
 
     return build_transformer(cfg.model_type, data.modalities, data.input_dims, len(data.class_names),
                              d_model=cfg.d_model, num_layers=cfg.num_layers, num_heads=cfg.num_heads,
-                             num_bottleneck=cfg.num_bottleneck, dropout=cfg.dropout)
+                             num_bottleneck=cfg.num_bottleneck, dropout=cfg.dropout,
+                             dim_feedforward=cfg.dim_feedforward or None,
+                             # MER2023's valence regression, when every train-pool label carries one
+                             predict_valence=data.pool.has_valence)
 
 
 def run(cfg) -> dict:
@@ -115,7 +161,14 @@ def run(cfg) -> dict:
     # A method that cannot drive this model (e.g. one needing late-fusion read-outs) must stop
     # the run before the cross-validation folder is created.
     build_method(cfg.method, modalities + ("fusion",)).setup(build_model(cfg, data))
-    return run_cross_validation(cfg, data, device, out_dir, lambda: build_model(cfg, data))
+    results = run_cross_validation(cfg, data, device, out_dir, lambda: build_model(cfg, data))
+    from utils import distributed
+    from utils.checkpoint import prune_checkpoints
+
+    if distributed.is_main():  # every fold is scored from its best.pt by now
+        for fold in results.get("per_fold", []):
+            prune_checkpoints(fold["run_dir"], cfg.keep_checkpoints)
+    return results
 
 
 def main(argv=None) -> None:

@@ -1,13 +1,15 @@
-"""How much faster is frame extraction than decoding every frame? Measures it here.
+"""How much faster is frame extraction with the defaults than the released approach? Measures it.
 
-Generates its own clips in a temporary folder (long-GOP H.264 via the imageio-ffmpeg
-binary, OpenCV mp4v, OpenCV MJPEG), then times per clip type:
-  (a) the naive way: decode every frame, keep the first of each second;
-  (b) utils.media.extract_frames at --fps 1 with one worker, for each skip method;
-and over --clips clips of each type:
-  (c) the process pool at --workers vs one worker, and vs (a) run serially.
-Pool timings include starting the worker processes (about a second, paid once per run).
-Usage: python benchmarks/bench_frame_extraction.py [--clips 24] [--size 320x240]
+Generates its own clips in a temporary folder, by default CREMA-D-like ones (Sorenson FLV1
+in .flv, 480x360, 30 fps, 10 s, written by OpenCV; --codecs adds long-GOP H.264 via the
+imageio-ffmpeg binary, OpenCV mp4v and MJPEG), then times per clip type:
+  (a) the released approach: decode every frame, keep the first of each second;
+  (b) datasets.media.extract_frames at --fps 1 in one process, for each skip method;
+and over --clips copies of each type, side by side in one run:
+  (c) the defaults of data/<DATASET>/video_preprocessing.py (a process pool over the cores
+      this process may use, method auto) against (a) run serially as the released script did.
+Pool timings are given with and without starting the workers (paid once per run).
+Usage: python benchmarks/bench_frame_extraction.py [--clips 48] [--report docs/results/bench-frame-extraction.md]
 """
 import argparse
 import multiprocessing
@@ -18,6 +20,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+CODECS = ("flv1", "h264_gop250", "mp4v", "mjpeg")
 
 
 def parse_size(text):
@@ -42,40 +46,47 @@ def textured_frames(count, width, height):
         yield frame
 
 
-def make_clips(folder, seconds, source_fps, size):
+def make_clips(folder, seconds, source_fps, size, codecs):
     """One clip per codec: {name: path}."""
     import cv2
-    from utils.media import find_ffmpeg
+    from datasets.media import find_ffmpeg
     clips = {}
-    for name, suffix, fourcc in (("mp4v", ".mp4", "mp4v"), ("mjpeg", ".avi", "MJPG")):
+    writers = {"flv1": (".flv", "FLV1"), "mp4v": (".mp4", "mp4v"), "mjpeg": (".avi", "MJPG")}
+    for name in [c for c in codecs if c in writers] + (["mjpeg"] if "h264_gop250" in codecs else []):
+        suffix, fourcc = writers[name]
         path = folder / f"{name}{suffix}"
         writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*fourcc), source_fps, size)
         for frame in textured_frames(int(seconds * source_fps), *size):
             writer.write(frame)
         writer.release()
         clips[name] = path
-    # OpenCV here cannot encode H.264 (no avc1/H264 writer), so ffmpeg's libx264 does,
-    # with one keyframe per 250 frames: the long-GOP case typical of web video.
-    path = folder / "h264_gop250.mp4"
-    subprocess.run([find_ffmpeg(), "-nostdin", "-loglevel", "error", "-y", "-i",
-                    str(clips["mjpeg"]), "-c:v", "libx264", "-g", "250", "-pix_fmt", "yuv420p",
-                    str(path)], check=True)
-    return {"h264_gop250": path, **clips}
+    if "h264_gop250" in codecs:
+        # OpenCV here cannot encode H.264 (no avc1/H264 writer), so ffmpeg's libx264 does,
+        # with one keyframe per 250 frames: the long-GOP case typical of web video.
+        path = folder / "h264_gop250.mp4"
+        subprocess.run([find_ffmpeg(), "-nostdin", "-loglevel", "error", "-y", "-i",
+                        str(clips["mjpeg"]), "-c:v", "libx264", "-g", "250", "-pix_fmt", "yuv420p",
+                        str(path)], check=True)
+        clips["h264_gop250"] = path
+    return {name: clips[name] for name in codecs}
 
 
 def naive_extract(video, out_dir, fps):
-    """The released approach: read() every frame, write the first frame of each second."""
+    """The released approach: read() every frame; keep, per second of int(frame rate) frames,
+    those at multiples of int(rate / fps); name them after the source frame."""
     import cv2
     out_dir.mkdir(parents=True, exist_ok=True)
     capture = cv2.VideoCapture(str(video))
-    step = capture.get(cv2.CAP_PROP_FPS) / fps
+    whole = int(capture.get(cv2.CAP_PROP_FPS))
+    interval = int(whole / fps)
     index = kept = 0
     while True:
         ok, frame = capture.read()
         if not ok:
             break
-        if index == int(kept * step + 1e-6):
-            cv2.imwrite(str(out_dir / f"{kept:05d}.jpg"), frame)
+        within = index % whole
+        if within < interval * fps and within % interval == 0:
+            cv2.imencode(".jpg", frame)[1].tofile(str(out_dir / f"{index:05d}.jpg"))
             kept += 1
         index += 1
     capture.release()
@@ -93,80 +104,100 @@ def best_time(function, repeats):
 
 def main(argv=None):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from datasets.preprocess import available_cpus
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--clips", type=int, default=24, help="clips per type for the pool test")
+    parser.add_argument("--clips", type=int, default=48, help="copies per type for (c) (default 48)")
     parser.add_argument("--seconds", type=float, default=10.0, help="clip length (default 10)")
-    parser.add_argument("--source-fps", type=int, default=25, help="clip frame rate (default 25)")
-    parser.add_argument("--size", type=parse_size, default=(320, 240), help="WxH (default 320x240)")
-    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1,
-                        help="pool size for (c) (default: all cores)")
-    parser.add_argument("--repeats", type=int, default=5, help="best of N timings (default 5)")
+    parser.add_argument("--source-fps", type=int, default=30, help="clip frame rate (default 30)")
+    parser.add_argument("--size", type=parse_size, default=(480, 360), help="WxH (default 480x360)")
+    parser.add_argument("--codecs", nargs="+", choices=CODECS, default=["flv1"],
+                        help="clip types (default: flv1, CREMA-D's)")
+    parser.add_argument("--workers", type=int, default=available_cpus(),
+                        help="pool size for (c) (default: the preprocessing default, the usable cores)")
+    parser.add_argument("--repeats", type=int, default=3, help="best of N timings (default 3)")
+    parser.add_argument("--report", type=Path, help="also write the results to this markdown file "
+                        "(e.g. docs/results/bench-frame-extraction.md)")
     args = parser.parse_args(argv)
     if args.clips < 1 or args.workers < 1 or args.repeats < 1 or args.seconds <= 0:
         raise SystemExit("--clips, --workers, --repeats and --seconds must be positive.")
 
     import cv2
-    from utils.media import choose_method, extract_frames
-    from utils.media import POOL_DECODER_THREADS
-    from utils.preprocess import _frames_job, _init_worker
-    print(f"OpenCV {cv2.__version__}, {os.cpu_count()} cores (load average "
-          f"{os.getloadavg()[0]:.1f}); clips {args.seconds:g} s at "
-          f"{args.source_fps} fps, {args.size[0]}x{args.size[1]}; keeping 1 frame per second")
+    from datasets.media import choose_method, extract_frames
+    from datasets.media import POOL_DECODER_THREADS
+    from datasets.preprocess import _frames_job, _init_worker
+    from utils.provenance import machine_summary, write_report
+    out = []
+
+    def say(line=""):
+        print(line)
+        out.append(line)
+
+    say(f"OpenCV {cv2.__version__}; {machine_summary()}; clips {args.seconds:g} s at "
+        f"{args.source_fps} fps, {args.size[0]}x{args.size[1]}; keeping 1 frame per second")
+    say()
+    say("| clip | (a) released, ms/clip | " + " | ".join(f"(b) {m}, ms/clip" for m in ("grab", "seek", "auto"))
+        + " | auto picks |")
+    say("|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as scratch:
         scratch = Path(scratch)
-        clips = make_clips(scratch, args.seconds, args.source_fps, args.size)
+        clips = make_clips(scratch, args.seconds, args.source_fps, args.size, args.codecs)
         for name, video in clips.items():
-            out = scratch / "out" / name
-            naive, expected = best_time(lambda: naive_extract(video, out / "naive", 1),
-                                        args.repeats)
-            line = f"{name:12s} (a) decode all {naive * 1000:7.1f} ms/clip"
+            target_root = scratch / "out" / name
+            naive, expected = best_time(lambda: naive_extract(video, target_root / "naive", 1), args.repeats)
+            cells = [f"{naive * 1000:.0f}"]
             for method in ("grab", "seek", "auto"):
-                target = out / method
+                target = target_root / method
 
                 def extract():
                     shutil.rmtree(target, ignore_errors=True)
                     return extract_frames(video, target, fps=1, method=method)
                 seconds, count = best_time(extract, args.repeats)
-                assert count == expected, f"{method} kept {count} frames, naive {expected}"
-                line += f" | (b) {method} {seconds * 1000:6.1f} ms x{naive / seconds:4.2f}"
-            print(line + f"  [auto picks {choose_method(video, args.source_fps, 1)}]")
+                assert count == expected, f"{method} kept {count} frames, released {expected}"
+                assert sorted(os.listdir(target)) == sorted(os.listdir(target_root / "naive"))
+                cells.append(f"{seconds * 1000:.0f} (x{naive / seconds:.2f})")
+            say(f"| {name} | " + " | ".join(cells) + f" | {choose_method(video, args.source_fps, 1)} |")
 
-        print(f"(c) pool over {args.clips} clips of each type, --fps 1, method auto "
-              "(worker start-up timed apart: it is paid once per run, not per clip):")
+        say()
+        say(f"(c) {args.clips} clips of each type: the defaults ({args.workers} worker processes, "
+            "method auto) against the released approach run serially, side by side:")
+        say()
+        say("| clip | released, serial | defaults incl. worker start | defaults, workers running | speed-up (incl. start) |")
+        say("|---|---|---|---|---|")
         context = multiprocessing.get_context("spawn")
-        start = time.perf_counter()
-        with context.Pool(args.workers, _init_worker) as pool:
-            pool.map(_init_worker_ready, range(args.workers))
-            print(f"  starting {args.workers} workers took {time.perf_counter() - start:.2f} s")
-            for name, video in clips.items():
-                copies = [scratch / "pool" / f"{name}_{i}{video.suffix}" for i in range(args.clips)]
-                for copy in copies:
-                    copy.parent.mkdir(exist_ok=True)
-                    shutil.copyfile(video, copy)
-                timings = {}
-                for workers in (1, args.workers):
-                    threads = POOL_DECODER_THREADS if workers > 1 else None
-                    jobs = [(c.stem, str(c), str(scratch / "frames" / c.stem), 1, "auto", threads)
-                            for c in copies]
+        for name, video in clips.items():
+            copies = [scratch / "pool" / f"{name}_{i}{video.suffix}" for i in range(args.clips)]
+            for copy in copies:
+                copy.parent.mkdir(exist_ok=True)
+                shutil.copyfile(video, copy)
+            threads = POOL_DECODER_THREADS if args.workers > 1 else None
+            jobs = [(c.stem, str(c), str(scratch / "frames" / c.stem), 1, "auto", threads) for c in copies]
+            best = {"released": float("inf"), "cold": float("inf"), "warm": float("inf")}
+            for _ in range(args.repeats):  # interleaved, so both see the same machine load
+                shutil.rmtree(scratch / "naive", ignore_errors=True)
+                start = time.perf_counter()
+                for c in copies:
+                    naive_extract(c, scratch / "naive" / c.stem, 1)
+                best["released"] = min(best["released"], time.perf_counter() - start)
+                shutil.rmtree(scratch / "frames", ignore_errors=True)
+                start = time.perf_counter()
+                with context.Pool(args.workers, _init_worker) as pool:
+                    pool.map(_ready, range(args.workers))
+                    ready = time.perf_counter()
+                    results = pool.map(_frames_job, jobs, chunksize=1)
+                    done = time.perf_counter()
+                assert all(reason is None for _, reason in results), results
+                best["cold"] = min(best["cold"], done - start)
+                best["warm"] = min(best["warm"], done - ready)
+            say(f"| {name} | {best['released']:.2f} s | {best['cold']:.2f} s | {best['warm']:.2f} s | "
+                f"x{best['released'] / best['cold']:.2f} (x{best['released'] / best['warm']:.2f} without start) |")
+    if args.report:
+        command = "python " + " ".join(["benchmarks/bench_frame_extraction.py", *(argv or sys.argv[1:])])
+        print(f"wrote {write_report(args.report, chr(10).join(out), command=command)}")
 
-                    def run_all():
-                        shutil.rmtree(scratch / "frames", ignore_errors=True)
-                        if workers == 1:
-                            return [_frames_job(job) for job in jobs]
-                        return pool.map(_frames_job, jobs, chunksize=1)
-                    timings[workers], results = best_time(run_all, args.repeats)
-                    assert all(reason is None for _, reason in results), results
-                serial_naive, _ = best_time(
-                    lambda: [naive_extract(c, scratch / "naive" / c.stem, 1) for c in copies], 1)
-                print(f"  {name:12s} 1 worker {timings[1]:5.2f} s | {args.workers} workers "
-                      f"{timings[args.workers]:5.2f} s: "
-                      f"pool x{timings[1] / timings[args.workers]:4.2f}"
-                      f" | naive serial {serial_naive:5.2f} s: defaults vs naive "
-                      f"x{serial_naive / timings[args.workers]:4.2f}")
 
-
-def _init_worker_ready(_):
+def _ready(_):
     return True
+
 
 if __name__ == "__main__":
     main()

@@ -44,6 +44,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--model-batch", type=int, default=8, help="batch size of the model measurement")
     parser.add_argument("--model-steps", type=int, default=3, help="timed training steps (after one warm-up)")
     parser.add_argument("--no-model", action="store_true", help="skip the model measurement")
+    parser.add_argument("--report", type=Path, help="also write the table to this markdown file "
+                        "(e.g. docs/results/bench-loader.md)")
     args = parser.parse_args(argv)
     for flag in ("clips", "max_samples", "batch_size", "fps", "model_batch", "model_steps"):
         if getattr(args, flag) < 1:
@@ -73,7 +75,7 @@ def write_fixture(root: Path, clips: int) -> None:
         for index in range(3):
             # Smooth random images compress like video frames; white noise would not.
             small = rng.integers(0, 256, (12, 16, 3), dtype=np.uint8)
-            cv2.imwrite(str(frames / f"{index:05d}.jpg"), cv2.resize(small, (480, 360)))
+            cv2.imwrite(str(frames / f"{30 * index:05d}.jpg"), cv2.resize(small, (480, 360)))
         rows.append(f"{clip},{EMOTIONS[n % len(EMOTIONS)]}")
     test_count = max(len(EMOTIONS), clips // 10)
     (root / "train.csv").write_text("\n".join(rows[test_count:]) + "\n")
@@ -183,6 +185,16 @@ def run(args) -> None:
     for name, no_cache, cold, warm, model in rows:
         model_text = "-" if model is None else f"{model:9.1f}"
         print(f"{name:52s} {no_cache:9.1f} {cold:9.1f} {warm:9.1f} {model_text:>9s}")
+    if args.report:
+        from utils.provenance import write_report
+
+        table = [f"Loader: batch {args.batch_size}, {args.workers} workers, up to {args.max_samples} training "
+                 f"clips of {'a real dataset' if args.data_root else 'a generated CREMA-D-like fixture'}"
+                 f"{model_note}. Samples/s, one run.", "",
+                 "| sizes | no cache | cold cache | warm cache | model |", "|---|---|---|---|---|"]
+        table += [f"| {name} | {no_cache:.1f} | {cold:.1f} | {warm:.1f} | "
+                  f"{'-' if model is None else f'{model:.2f}'} |" for name, no_cache, cold, warm, model in rows]
+        print(f"wrote {write_report(args.report, chr(10).join(table))}")
 
 
 def main(argv=None) -> None:

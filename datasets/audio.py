@@ -4,7 +4,6 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 
-import librosa
 import numpy as np
 
 
@@ -33,6 +32,8 @@ class AudioRecipe:
 
 def load_waveform(path, recipe: AudioRecipe) -> np.ndarray:
     """Read ``path`` at the recipe's rate, tile short clips and cut to the recipe's length."""
+    import librosa  # here, not at import: it takes about a second and start-up needs none of it
+
     samples, _ = librosa.load(path, sr=recipe.sample_rate, mono=True)
     if samples.size == 0:
         raise ValueError("empty audio")
@@ -42,8 +43,16 @@ def load_waveform(path, recipe: AudioRecipe) -> np.ndarray:
 
 
 def log_spectrogram(samples: np.ndarray, recipe: AudioRecipe) -> np.ndarray:
-    """log(|STFT| + 1e-7), padded or cut on the time axis to exactly ``num_frames``."""
-    spec = np.log(np.abs(librosa.stft(samples, n_fft=recipe.n_fft, hop_length=recipe.hop_length)) + 1e-7)
+    """log(|STFT| + 1e-7), padded or cut on the time axis to exactly ``num_frames``.
+
+    The signal is centred with reflect padding, as librosa 0.8 (the released code's) did by
+    default; librosa 0.10 changed the default to zeros, which moves the first and last frames
+    by up to several log units."""
+    import librosa
+
+    stft = librosa.stft(samples, n_fft=recipe.n_fft, hop_length=recipe.hop_length,
+                        center=True, pad_mode="reflect")
+    spec = np.log(np.abs(stft) + 1e-7)
     frames = spec.shape[1]
     if frames < recipe.num_frames:
         spec = np.pad(spec, ((0, 0), (0, recipe.num_frames - frames)), mode="edge")

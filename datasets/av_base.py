@@ -6,12 +6,12 @@ list of ``AVClip`` records; this module turns them into tensors with the shared 
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
 import cv2
-import numpy as np
 import torch
 from torch.utils.data import Dataset, default_collate
 from torchvision.transforms import v2
@@ -27,10 +27,21 @@ FRAME_SUFFIXES = (".jpg", ".jpeg", ".png")
 
 @dataclass(frozen=True)
 class AVClip:
+    """One clip. The locations may be given as strings: a catalogue of 200,000 clips is
+    built much faster without a Path object per file (the properties make one on use)."""
+
     name: str
     label: int
-    audio_path: Path
-    frame_dir: Path
+    audio_file: str | Path
+    frame_folder: str | Path
+
+    @property
+    def audio_path(self) -> Path:
+        return Path(self.audio_file)
+
+    @property
+    def frame_dir(self) -> Path:
+        return Path(self.frame_folder)
 
 
 @dataclass(frozen=True)
@@ -48,18 +59,52 @@ def list_frames(frame_dir: Path) -> list[Path]:
         return []
 
 
-def keep_available(clips: Sequence[AVClip], split: str, max_missing: float) -> list[AVClip]:
-    """Drop clips whose wav or frames are missing; warn once with the count; fail beyond
-    ``max_missing`` (a fraction) since that means a wrong root or an unfinished extraction."""
-    kept = [c for c in clips if c.audio_path.is_file() and list_frames(c.frame_dir)]
+class FolderListing:
+    """Names in a folder, read with one directory listing and remembered: checking 200,000
+    clips costs one listing per folder instead of a ``stat`` per clip."""
+
+    def __init__(self):
+        self.names: dict[str, frozenset[str]] = {}
+
+    def __call__(self, folder) -> frozenset[str]:
+        key = os.fspath(folder)
+        names = self.names.get(key)
+        if names is None:
+            try:
+                with os.scandir(key) as entries:
+                    names = frozenset(entry.name for entry in entries)
+            except OSError:
+                names = frozenset()
+            self.names[key] = names
+        return names
+
+    def has(self, path) -> bool:
+        # String splitting, not Path.parent: building Path objects would dominate at 200k clips.
+        folder, _, name = os.fspath(path).rpartition(os.sep)
+        return name in self(folder or os.sep)
+
+
+def keep_available(clips: Sequence[AVClip], split: str, max_missing: float,
+                   listing: FolderListing | None = None) -> list[AVClip]:
+    """Drop clips whose wav or frame folder is missing; warn once with the count; fail beyond
+    ``max_missing`` (a fraction) since that means a wrong root or an unfinished extraction.
+
+    Presence is read from the folders' listings (linear in the clips). A frame folder that
+    exists but holds no image costs its sample at load time, skipped and counted there."""
+    listing = listing or FolderListing()
+    kept, first_missing = [], None
+    for clip in clips:
+        if listing.has(clip.audio_file) and listing.has(clip.frame_folder):
+            kept.append(clip)
+        elif first_missing is None:
+            first_missing = clip
     missing = len(clips) - len(kept)
     if not clips or not kept:
         where = f" (e.g. {clips[0].audio_path.parent}, {clips[0].frame_dir.parent})" if clips else ""
         raise UserError(f"the {split} split has no usable clips{where}; check --data-root")
     if missing:
-        example = next(c for c in clips if c not in set(kept))
         message = (f"{split}: skipped {missing} of {len(clips)} clips with a missing wav or frame "
-                   f"folder (e.g. {example.audio_path} / {example.frame_dir})")
+                   f"folder (e.g. {first_missing.audio_path} / {first_missing.frame_dir})")
         if missing / len(clips) > max_missing:
             raise UserError(message + f", more than --max-missing {max_missing:.0%}; check --data-root")
         log.warning(message)
@@ -67,12 +112,14 @@ def keep_available(clips: Sequence[AVClip], split: str, max_missing: float) -> l
 
 
 def frame_indices(available: int, wanted: int, train: bool, generator: torch.Generator | None) -> list[int]:
-    """Random distinct frames in time order when training; evenly spaced otherwise."""
+    """Training: random distinct frames in time order. Evaluation: the centre frame of each of
+    ``wanted`` equal segments of the clip, the same on every run (the released code drew
+    random frames here too; the first frame is often black or a fade-in)."""
     if train:
         if available >= wanted:
             return sorted(torch.randperm(available, generator=generator)[:wanted].tolist())
         return sorted(torch.randint(available, (wanted,), generator=generator).tolist())
-    return np.linspace(0, available - 1, wanted).round().astype(int).tolist()
+    return [(2 * i + 1) * available // (2 * wanted) for i in range(wanted)]
 
 
 def frame_transform(recipe: VisualRecipe, train: bool) -> Callable:

@@ -3,6 +3,8 @@
 Layout read here (any dataset in it works, the embedded AVDigitsFeatures included):
 
     <root>/features/<feature_name>/<sample>.npy   one (T, D) float array per sample and modality
+    <root>/features_<split>/<feature_name>/...    a test set's own folder, where the released config
+                                                  keeps them (features_test1/..3/); else features/
     <root>/labels.csv                             rows name,emo,val,split (split: train, test1, ...)
     <root>/classes.txt                            optional class order (default: the six MER emotions)
 
@@ -28,6 +30,7 @@ from utils.errors import UserError
 log = logging.getLogger(__name__)
 MER_CLASSES = ("neutral", "angry", "happy", "sad", "worried", "surprise")
 MODALITIES = ("audio", "visual", "text")
+VALENCE_KEY = "valence"  # inputs["valence"]: (B,) targets, NaN where a sample has none
 
 
 def parse_modalities(text: str) -> tuple[str, ...]:
@@ -52,6 +55,7 @@ class FeatureSample:
     name: str
     label: int
     paths: dict[str, Path]
+    valence: float | None = None
 
 
 def infer_dims(shapes: dict[str, list], feature_dim: int, folders: dict[str, Path]) -> dict[str, int]:
@@ -117,6 +121,10 @@ class FeatureSequenceDataset(Dataset):
     def subset(self, indices) -> "FeatureSequenceDataset":
         return FeatureSequenceDataset([self.samples[i] for i in indices], self.dims)
 
+    @property
+    def has_valence(self) -> bool:
+        return bool(self.samples) and all(s.valence is not None for s in self.samples)
+
     def __getitem__(self, index: int):
         sample = self.samples[index]
         features = {}
@@ -131,6 +139,8 @@ class FeatureSequenceDataset(Dataset):
         except Exception as error:  # a corrupt file must cost one sample, not the run
             log.warning("skipping sample %s: %s", sample.name, error)
             return None
+        valence = float("nan") if sample.valence is None else sample.valence
+        features[VALENCE_KEY] = torch.tensor(valence, dtype=torch.float32)
         return features, sample.label
 
 
@@ -142,7 +152,9 @@ def collate_padded(batch):
     if not good:
         return None, None, skipped
     inputs = {"masks": {}}
-    for modality in good[0][0]:
+    if VALENCE_KEY in good[0][0]:
+        inputs[VALENCE_KEY] = torch.stack([features[VALENCE_KEY] for features, _ in good])
+    for modality in (m for m in good[0][0] if m != VALENCE_KEY):
         sequences = [features[modality] for features, _ in good]
         lengths = torch.tensor([len(s) for s in sequences])
         inputs[modality] = pad_sequence(sequences, batch_first=True)
@@ -164,8 +176,20 @@ class FeatureData:
     skipped: dict[str, int] = field(default_factory=dict)
 
 
+def feature_names(cfg) -> dict[str, str]:
+    return {"audio": cfg.audio_feature, "visual": cfg.visual_feature, "text": cfg.text_feature}
+
+
+def split_folders(cfg, root: Path, modalities: Sequence[str], split: str) -> dict[str, Path]:
+    """A test set's feature folders: ``features_<split>/<name>`` where that exists (the released
+    layout for test1..3), else the shared ``features/<name>``."""
+    names = feature_names(cfg)
+    own = {m: Path(root) / f"features_{split}" / names[m] for m in modalities}
+    return {m: own[m] if own[m].is_dir() else Path(root) / "features" / names[m] for m in modalities}
+
+
 def feature_folders(cfg, root: Path, modalities: Sequence[str]) -> dict[str, Path]:
-    names = {"audio": cfg.audio_feature, "visual": cfg.visual_feature, "text": cfg.text_feature}
+    names = feature_names(cfg)
     folders = {m: Path(root) / "features" / names[m] for m in modalities}
     for modality, folder in folders.items():
         if not folder.is_dir():
@@ -189,11 +213,16 @@ def load_feature_data(cfg, root: Path) -> FeatureData:
     class_names = read_class_names(root)
     index = {name: i for i, name in enumerate(class_names)}
     by_split: dict[str, list[FeatureSample]] = {}
+    folders_of: dict[str, dict[str, Path]] = {}
     for entry in read_labels(root, cfg.label_file):
         if entry.emotion not in index:
             raise UserError(f"sample {entry.name} has the label {entry.emotion!r}, not one of {', '.join(class_names)}")
-        paths = {m: folders[m] / f"{entry.name}.npy" for m in modalities}
-        by_split.setdefault(entry.split, []).append(FeatureSample(entry.name, index[entry.emotion], paths))
+        if entry.split not in folders_of:
+            folders_of[entry.split] = split_folders(cfg, root, modalities, entry.split)
+        where = folders if entry.split == TRAIN_SPLIT else folders_of[entry.split]
+        paths = {m: where[m] / f"{entry.name}.npy" for m in modalities}
+        by_split.setdefault(entry.split, []).append(
+            FeatureSample(entry.name, index[entry.emotion], paths, entry.valence))
     shapes = {split: {m: [header_shape(s.paths[m]) for s in samples] for m in modalities}
               for split, samples in by_split.items()}
     dims = infer_dims({m: shapes[TRAIN_SPLIT][m] for m in modalities}, cfg.feature_dim, folders)

@@ -1,10 +1,14 @@
-"""Loaders for the real audio-visual sets, reading what data/<NAME>/ preprocessing writes.
+"""Loaders of CREMA-D, AVE, Kinetics-Sounds and VGGSound, from the layouts users already have.
 
-On disk (``--data-root``): CREMA-D ``AudioWAV/<clip>.wav``, the others ``audio/<clip>.wav``;
-frames in ``Image-01-FPS/<clip>/00000.jpg, ...``. Split files are looked up in the root,
-then in the repository's ``data/<NAME>/`` folder. Class lists come from the training clips,
-sorted, so an index means the same class in every run. Where a dataset has no validation
+Each dataset reads both the layout the released preprocessing produced (and its loaders
+read) and the layout of this project's ``data/<NAME>/`` scripts; docs/datasets.md has the
+table. Wav folders are looked up under ``--audio-root``, frame folders under
+``--frames-root`` (both default to ``--data-root``), split files in ``--splits-dir`` or else
+the dataset root, then the repository's ``data/<NAME>/``. Where a dataset has no validation
 split, one is carved once (seeded, stratified) and kept in ``<root>/splits/``.
+
+Start-up is linear in the clips: presence is read from one listing per folder
+(``av_base.FolderListing``), never a ``stat`` per clip.
 """
 from __future__ import annotations
 
@@ -13,12 +17,14 @@ import logging
 import os
 import tempfile
 from pathlib import Path
+from typing import Callable, Iterable
 
 import numpy as np
 
 from config import Config, DatasetSpec, cache_home
+from datasets.av_base import FolderListing
 from datasets.builders import DataBundle, av_bundle, frames_folder
-from datasets.splits import read_clip_labels
+from datasets import splits as fmt
 from utils.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -26,91 +32,117 @@ REPOSITORY_DATA = Path(__file__).resolve().parents[1] / "data"
 Rows = list[tuple[str, str]]
 VAL_SEED = 0  # fixed, not --seed: the carved validation split must not change between runs
 
+WHERE_TO_GET = {
+    "CREMAD": "train.csv/test.csv ship in this repository's data/CREMAD/ (from github.com/GeWu-Lab/OGM-GE_CVPR2022)",
+    "AVE": "trainSet.txt, valSet.txt and testSet.txt come with the AVE dataset "
+           "(github.com/YapengTian/AVE-ECCV18); the released loader's my_train.txt/my_test.txt also work",
+    "KineticSound": "my_train.txt/my_test.txt ship in this repository's data/KineticSound/ "
+                    "(from github.com/GeWu-Lab/OGM-GE_CVPR2022)",
+    "VGGSound": "vggsound.csv is published at https://www.robots.ox.ac.uk/~vgg/data/vggsound/ (CC BY 4.0)",
+}
+
+
+# ---------------------------------------------------------------- roots and split files
 
 def dataset_root(cfg: Config, spec: DatasetSpec) -> Path:
     root = Path(cfg.data_root).expanduser() if cfg.data_root else spec.default_root()
-    if not root.is_dir():
+    if root is None or not root.is_dir():
         raise UserError(f"{spec.name} folder {root} does not exist; pass --data-root "
                         f"(or set ${spec.root_env}) to where preprocessing wrote it")
     return root
 
 
-def find_split_file(root: Path, spec: DatasetSpec, filename: str) -> Path:
-    for folder in (root, REPOSITORY_DATA / spec.name):
+def optional_root(value: str | None, flag: str, default: Path) -> Path:
+    if not value:
+        return default
+    path = Path(value).expanduser()
+    if not path.is_dir():
+        raise UserError(f"{flag} {path} is not a folder")
+    return path
+
+
+def split_folders(cfg: Config, spec: DatasetSpec, root: Path) -> list[Path]:
+    if cfg.splits_dir:
+        return [optional_root(cfg.splits_dir, "--splits-dir", root)]
+    return [root, REPOSITORY_DATA / spec.name]
+
+
+def find_split_file(folders: list[Path], spec: DatasetSpec, filename: str) -> Path:
+    for folder in folders:
         if (folder / filename).is_file():
             return folder / filename
-    raise UserError(f"split file {root / filename} does not exist (nor data/{spec.name}/{filename} "
-                    f"in the repository); put it in --data-root {root}")
+    searched = " nor ".join(str(folder / filename) for folder in folders)
+    raise UserError(f"split file {searched} does not exist; {WHERE_TO_GET[spec.name]}; put it in "
+                    f"--data-root or pass --splits-dir")
 
 
-def split_lines(path: Path) -> list[tuple[int, str]]:
-    """(line number, text) of the non-blank lines of a split file."""
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except (OSError, UnicodeDecodeError) as error:
-        raise UserError(f"cannot read split file {path}: {error}") from None
-    lines = [(number, line.strip()) for number, line in enumerate(text.splitlines(), 1) if line.strip()]
-    if not lines:
-        raise UserError(f"split file {path} is empty")
-    return lines
+def first_folder(candidates: Iterable[tuple[Path, str]]) -> tuple[Path, str]:
+    """The first candidate (folder, name suffix) that exists, else the first one: the
+    project layout's, so that missing clips are reported where its scripts write them."""
+    candidates = list(candidates)
+    return next((c for c in candidates if c[0].is_dir()), candidates[0])
 
 
-def read_ave_split(path: Path) -> Rows:
-    """``Category&VideoID&Quality&Start&End`` lines (a header line is skipped)."""
-    rows = []
-    for number, line in split_lines(path):
-        fields = line.split("&")
-        if len(fields) < 2 or not fields[1].strip():
-            raise UserError(f"split file {path} line {number} is not Category&VideoID&...: {line[:60]!r}")
-        if fields[1].strip() != "VideoID":
-            rows.append((fields[1].strip(), fields[0].strip()))
-    return non_empty(rows, path)
+def frame_root(root: Path) -> Path:
+    """``Image-01-FPS``, or the only ``Image-NN-FPS`` folder when frames were kept at another rate."""
+    default = frames_folder(root)
+    if not default.is_dir():
+        others = sorted(root.glob("Image-*-FPS"))
+        if len(others) == 1:
+            log.info("reading frames from %s (no %s)", others[0], default.name)
+            return others[0]
+    return default
 
 
-def read_kinetics_split(path: Path) -> Rows:
-    """``clip,10,label_index`` lines (the middle field is unused)."""
-    rows = []
-    for number, line in split_lines(path):
-        fields = [field.strip() for field in line.split(",")]
-        if len(fields) < 3 or not fields[0] or not fields[2]:
-            raise UserError(f"split file {path} line {number} is not clip,10,label_index: {line[:60]!r}")
-        rows.append((fields[0], fields[2]))
-    return non_empty(rows, path)
+class Layout:
+    """Where one dataset's wavs and frame folders are, per source split (the split of the
+    published files: Kinetics-Sounds and VGGSound keep train and test in separate folders)."""
+
+    def __init__(self, audio: Callable[[str], Iterable[Path]],
+                 frames: Callable[[str], Iterable[tuple[Path, str]]]):
+        self.audio_candidates, self.frame_candidates = audio, frames
+        self.chosen: dict[str, tuple[Path, Path, str]] = {}
+
+    def folders(self, source: str) -> tuple[Path, Path, str]:
+        if source not in self.chosen:
+            audio, _ = first_folder((folder, "") for folder in self.audio_candidates(source))
+            frames, suffix = first_folder(self.frame_candidates(source))
+            self.chosen[source] = (audio, frames, suffix)
+            log.info("%s clips: wavs in %s, frames in %s", source, audio, frames)
+        return self.chosen[source]
+
+    def paths(self, rows_by_source: dict[str, Rows]) -> dict[str, tuple[str, str]]:
+        """clip -> (wav file, frame folder) as strings (see av_base.AVClip: Path objects for
+        200,000 clips would cost more than everything else at start-up)."""
+        located = {}
+        for source, rows in rows_by_source.items():
+            audio_folder, frame_folder, suffix = self.folders(source)
+            audio, frames = os.fspath(audio_folder), os.fspath(frame_folder)
+            for clip, _ in rows:
+                located[clip] = (f"{audio}{os.sep}{clip}.wav", f"{frames}{os.sep}{clip}{suffix}")
+        return located
 
 
-def read_vggsound_csv(path: Path) -> dict[str, Rows]:
-    """``ytid,start_seconds,label,train|test`` rows -> {"train": rows, "test": rows}; the clip
-    is named ``<ytid>_<start:06d>`` as the preprocessing names its files."""
-    splits: dict[str, Rows] = {"train": [], "test": []}
-    for position, (number, line) in enumerate(split_lines(path)):
-        fields = [field.strip() for field in next(csv.reader([line]))]
-        if position == 0 and len(fields) >= 2 and not fields[1].isdigit():
-            continue  # header row (vggsound_with_head.csv)
-        if len(fields) < 4 or not fields[1].isdigit() or fields[3] not in splits:
-            raise UserError(f"split file {path} line {number} is not ytid,start_seconds,label,"
-                            f"train|test: {line[:60]!r}")
-        splits[fields[3]].append((f"{fields[0]}_{int(fields[1]):06d}", fields[2]))
-    for split, rows in splits.items():
-        if not rows:
-            raise UserError(f"split file {path} has no {split} rows")
-    return splits
+def roots(cfg: Config, root: Path) -> tuple[Path, Path]:
+    return (optional_root(cfg.audio_root, "--audio-root", root),
+            optional_root(cfg.frames_root, "--frames-root", root))
 
 
-def non_empty(rows: Rows, path: Path) -> Rows:
-    if not rows:
-        raise UserError(f"split file {path} lists no clips")
-    return rows
+# ---------------------------------------------------------------- split checks and classes
 
-
-def without_repeats(rows: Rows, where: str) -> Rows:
-    first_label: dict[str, str] = {}
+def without_repeats(rows: Rows, where: str, keep: str = "first") -> tuple[Rows, int]:
+    """One row per clip; ``keep`` says which line wins. Returns (rows, clips listed twice)."""
+    chosen: dict[str, str] = {}
     for clip, label in rows:
-        first_label.setdefault(clip, label)
-    if len(first_label) < len(rows):
-        log.warning("%s lists %d clip(s) more than once; keeping the first line of each",
-                    where, len(rows) - len(first_label))
-        return list(first_label.items())
-    return rows
+        if keep == "last":
+            chosen.pop(clip, None)  # re-inserted at the end: the last line's place and label
+            chosen[clip] = label
+        else:
+            chosen.setdefault(clip, label)
+    repeated = len(rows) - len(chosen)
+    if repeated:
+        log.warning("%s lists %d clip(s) more than once; keeping the %s line of each", where, repeated, keep)
+    return list(chosen.items()), repeated
 
 
 def check_disjoint(splits: dict[str, Rows], where: str) -> None:
@@ -122,18 +154,28 @@ def check_disjoint(splits: dict[str, Rows], where: str) -> None:
                                 f"({where}); a clip may sit in one split only")
 
 
-def sorted_labels(labels) -> list[str]:
-    """Sorted class names; integer labels (Kinetics-Sounds) sort as numbers."""
-    labels = set(labels)
-    if all(label.lstrip("-").isdigit() for label in labels):
-        return sorted(labels, key=int)
-    return sorted(labels)
+def drop_evaluation_overlaps(splits: dict[str, Rows], where: str) -> dict[str, int]:
+    """AVE lists some videos (more than one event) in two official splits, sometimes with
+    different labels. Evaluation sets stay as published; a video is never trained on (nor
+    validated on) when a later split holds it. Returns the counts removed."""
+    counts = {}
+    order = [split for split in ("train", "val", "test") if split in splits]
+    for position, split in enumerate(order):
+        later = {clip for other in order[position + 1:] for clip, _ in splits[other]}
+        for other in order[position + 1:]:
+            held = {clip for clip, _ in splits[other]}
+            counts[f"{split}&{other}"] = sum(clip in held for clip, _ in splits[split])
+        splits[split] = [row for row in splits[split] if row[0] not in later]
+    removed = {key: value for key, value in counts.items() if value}
+    if removed:
+        log.warning("%s: videos in two splits, removed from the earlier one (never train on an "
+                    "evaluation video): %s", where,
+                    ", ".join(f"{n} in {key.replace('&', ' and ')}" for key, n in removed.items()))
+    return counts
 
 
-def training_classes(splits: dict[str, Rows], where: str) -> tuple[list[str], dict[str, Rows]]:
-    """Classes of the training clips; evaluation clips of a class never trained on are dropped
-    (counted), since no head can predict a class absent from training."""
-    class_names = sorted_labels(label for _, label in splits["train"])
+def keep_known_classes(splits: dict[str, Rows], class_names: list[str], where: str) -> dict[str, Rows]:
+    """Drop (counted) clips whose class has no head: a class absent from training."""
     known = set(class_names)
     kept = {}
     for split, rows in splits.items():
@@ -143,8 +185,19 @@ def training_classes(splits: dict[str, Rows], where: str) -> tuple[list[str], di
             log.warning("%s: dropped %d %s clip(s) whose class has no training clip", where, dropped, split)
         if not kept[split]:
             raise UserError(f"the {split} split of {where} has no clip of a class seen in training")
-    return class_names, kept
+    return kept
 
+
+def in_first_appearance(labels: Iterable[str]) -> list[str]:
+    return list(dict.fromkeys(labels))
+
+
+def numeric_range(labels: Iterable[str]) -> list[str]:
+    """Kinetics-Sounds labels are indices already: class i is index i, as released."""
+    return [str(i) for i in range(max(int(label) for label in labels) + 1)]
+
+
+# ---------------------------------------------------------------- validation carving
 
 def carve_validation(rows: Rows, fraction: float, seed: int = VAL_SEED) -> tuple[Rows, Rows]:
     """Seeded, stratified (train, val): about ``fraction`` of every class with two or more
@@ -169,7 +222,7 @@ def load_or_carve_validation(rows: Rows, fraction: float, store: Path) -> tuple[
     train_file, val_file = store / "train_split.csv", store / "val_split.csv"
     train, val = carve_validation(rows, fraction)
     if train_file.is_file() and val_file.is_file():
-        kept_train, kept_val = read_clip_labels(train_file), read_clip_labels(val_file)
+        kept_train, kept_val = fmt.read_clip_labels(train_file), fmt.read_clip_labels(val_file)
         if (len(kept_val) == len(val) and not set(kept_train) & set(kept_val)
                 and set(kept_train) | set(kept_val) == set(rows)):
             return kept_train, kept_val
@@ -193,17 +246,6 @@ def write_rows(path: Path, rows: Rows) -> None:
         raise
 
 
-def frame_root(root: Path) -> Path:
-    """``Image-01-FPS``, or the only ``Image-NN-FPS`` folder when frames were kept at another rate."""
-    default = frames_folder(root)
-    if not default.is_dir():
-        others = sorted(root.glob("Image-*-FPS"))
-        if len(others) == 1:
-            log.info("reading frames from %s (no %s)", others[0], default.name)
-            return others[0]
-    return default
-
-
 def split_store(root: Path, spec: DatasetSpec) -> Path:
     """``<root>/splits`` where the root is writable, else a per-root folder in the cache."""
     folder = root / "splits"
@@ -222,68 +264,138 @@ def split_store(root: Path, spec: DatasetSpec) -> Path:
         return fallback
 
 
-def finish(cfg: Config, spec: DatasetSpec, root: Path, splits: dict[str, Rows], where: str,
-           audio_folder: str) -> DataBundle:
-    """Shared tail of every builder: checks, class list, validation carving, datasets."""
-    splits = {split: without_repeats(rows, f"{where} ({split})") for split, rows in splits.items()}
-    check_disjoint(splits, where)
-    class_names, splits = training_classes(splits, where)
+# ---------------------------------------------------------------- the shared tail
+
+def finish(cfg: Config, spec: DatasetSpec, root: Path, splits: dict[str, Rows],
+           located: dict[str, tuple[str, str]], class_names: list[str], where: str,
+           extras: dict | None = None) -> DataBundle:
+    """Class filter, validation carving (where the dataset has none), datasets."""
+    splits = keep_known_classes(splits, class_names, where)
     if "val" not in splits:
         train, val = load_or_carve_validation(splits["train"], cfg.val_fraction, split_store(root, spec))
         splits = {"train": train, "val": val, "test": splits["test"]}
         check_disjoint(splits, f"{where} with the carved validation split")
     log.info("%s: %d classes; %s", spec.name, len(class_names),
              ", ".join(f"{len(rows)} {split}" for split, rows in splits.items()))
-    frames = frame_root(root)
-    audio = root / audio_folder
     try:
-        return av_bundle(cfg, root, splits, class_names,
-                         audio_path=lambda clip: audio / f"{clip}.wav",
-                         frame_dir=lambda clip: frames / clip)
+        bundle = av_bundle(cfg, root, splits, class_names,
+                           audio_path=lambda clip: located[clip][0],
+                           frame_dir=lambda clip: located[clip][1])
     except UserError as error:
         if str(root) in str(error):
             raise
-        raise UserError(f"{spec.name} at --data-root {root}: {error}") from None
+        raise UserError(f"{spec.name} at --data-root {root}: {error} (or --audio-root / --frames-root)") from None
+    bundle.extras.update(extras or {})
+    return bundle
 
+
+def read_two(folders: list[Path], spec: DatasetSpec, names: dict[str, str],
+             reader: Callable[[Path], Rows]) -> tuple[dict[str, Rows], str]:
+    files = {split: find_split_file(folders, spec, name) for split, name in names.items()}
+    where = " / ".join(str(path) for path in files.values())
+    rows = {split: without_repeats(reader(path), str(path))[0] for split, path in files.items()}
+    return rows, where
+
+
+# ---------------------------------------------------------------- the four datasets
 
 def build_cremad(cfg: Config, spec: DatasetSpec) -> DataBundle:
     root = dataset_root(cfg, spec)
-    files = {split: find_split_file(root, spec, f"{split}.csv") for split in ("train", "test")}
-    splits = {split: read_clip_labels(path) for split, path in files.items()}
-    return finish(cfg, spec, root, splits, f"{files['train']} / {files['test']}", "AudioWAV")
+    audio_root, frames_root = roots(cfg, root)
+    splits, where = read_two(split_folders(cfg, spec, root), spec,
+                             {"train": "train.csv", "test": "test.csv"}, fmt.read_cremad)
+    check_disjoint(splits, where)
+    layout = Layout(lambda source: (audio_root / "AudioWAV", audio_root / "audio"),
+                    lambda source: [(frame_root(frames_root), "")])
+    located = layout.paths({"all": [row for rows in splits.values() for row in rows]})
+    return finish(cfg, spec, root, splits, located, list(fmt.CREMAD_CLASSES), where)
+
+
+def read_ave_splits(cfg: Config, spec: DatasetSpec, root: Path) -> tuple[dict[str, Rows], str, dict]:
+    """The official ``*Set.txt`` files, else the released loader's ``my_*.txt`` lists."""
+    folders = split_folders(cfg, spec, root)
+    official = any((folder / "trainSet.txt").is_file() for folder in folders)
+    released = not official and any((folder / "my_train.txt").is_file() for folder in folders)
+    names = ({"train": "my_train.txt", "test": "my_test.txt"} if released else
+             {"train": "trainSet.txt", "val": "valSet.txt", "test": "testSet.txt"})
+    reader = fmt.read_ave_released if released else fmt.read_ave_official
+    files = {split: find_split_file(folders, spec, name) for split, name in names.items()}
+    where = f"the AVE split files in {files['train'].parent}"
+    counts, splits, labels = {}, {}, set()
+    for split, path in files.items():
+        rows = reader(path)
+        labels.update(label for _, label in rows)
+        # A video with two events is listed twice; the released loader kept the last line.
+        splits[split], counts[f"repeated in {split}"] = without_repeats(rows, str(path), keep="last")
+    overlaps = drop_evaluation_overlaps(splits, where)
+    # Every class the files name (the released stat.txt lists all 28), sorted as released, so
+    # indices do not shift when duplicates leave a class without training clips.
+    return splits, where, {"ave_duplicates": {**counts, **overlaps}, "classes": sorted(labels)}
 
 
 def build_ave(cfg: Config, spec: DatasetSpec) -> DataBundle:
     root = dataset_root(cfg, spec)
-    files = {split: find_split_file(root, spec, f"{split}Set.txt") for split in ("train", "val", "test")}
-    splits = {split: read_ave_split(path) for split, path in files.items()}
-    return finish(cfg, spec, root, splits, f"the AVE split files in {files['train'].parent}", "audio")
+    audio_root, frames_root = roots(cfg, root)
+    splits, where, extras = read_ave_splits(cfg, spec, root)
+    # The released loader reads visual/<VideoID>/; its frame script (and ours) writes Image-01-FPS/.
+    layout = Layout(lambda source: (audio_root / "audio",),
+                    lambda source: [(frame_root(frames_root), ""), (frames_root / "visual", "")])
+    located = layout.paths({"all": [row for rows in splits.values() for row in rows]})
+    class_names = extras.pop("classes")
+    return finish(cfg, spec, root, splits, located, class_names, where, extras)
 
 
 def build_kinetics_sounds(cfg: Config, spec: DatasetSpec) -> DataBundle:
     root = dataset_root(cfg, spec)
-    files = {split: find_split_file(root, spec, f"my_{split}.txt") for split in ("train", "test")}
-    splits = {split: read_kinetics_split(path) for split, path in files.items()}
-    return finish(cfg, spec, root, splits, f"{files['train']} / {files['test']}", "audio")
+    audio_root, frames_root = roots(cfg, root)
+    splits, where = read_two(split_folders(cfg, spec, root), spec,
+                             {"train": "my_train.txt", "test": "my_test.txt"}, fmt.read_kinetics)
+    check_disjoint(splits, where)
+    # The project's scripts: audio/; released: audio_train/ and audio_test/.
+    layout = Layout(lambda source: (audio_root / "audio", audio_root / f"audio_{source}"),
+                    lambda source: [(frame_root(frames_root), "")])
+    located = layout.paths(splits)
+    class_names = numeric_range(label for rows in splits.values() for _, label in rows)
+    return finish(cfg, spec, root, splits, located, class_names, where)
 
 
 def build_vggsound(cfg: Config, spec: DatasetSpec) -> DataBundle:
     root = dataset_root(cfg, spec)
-    path = find_split_file(root, spec, "vggsound.csv")
-    splits = on_disk_only(read_vggsound_csv(path), root, path)
-    return finish(cfg, spec, root, splits, str(path), "audio")
+    audio_root, frames_root = roots(cfg, root)
+    path = find_split_file(split_folders(cfg, spec, root), spec, "vggsound.csv")
+    catalogue = {split: without_repeats(rows, str(path))[0] for split, rows in fmt.read_vggsound(path).items()}
+    check_disjoint(catalogue, str(path))
+    # The project's scripts: audio/, Image-01-FPS/. Released: train-audios/train-set/<clip>.wav
+    # and train-videos/train-set-img/Image-01-FPS/<clip>.mp4/ (the folder keeps the video's suffix).
+    layout = Layout(
+        lambda source: (audio_root / "audio", audio_root / f"{source}-audios" / f"{source}-set"),
+        lambda source: [(frame_root(frames_root), ""),
+                        (frames_root / f"{source}-videos" / f"{source}-set-img" / "Image-01-FPS", ".mp4")])
+    located = layout.paths(catalogue)
+    # Released class order: first appearance among the catalogue's training rows.
+    class_names = in_first_appearance(label for _, label in catalogue["train"])
+    catalogue = keep_known_classes(catalogue, class_names, str(path))
+    # The validation split is carved from the whole catalogue, not from what is on disk, so it
+    # does not change while extraction progresses.
+    train, val = load_or_carve_validation(catalogue["train"], cfg.val_fraction, split_store(root, spec))
+    splits = on_disk_only({"train": train, "val": val, "test": catalogue["test"]}, located, path)
+    return finish(cfg, spec, root, splits, located, class_names, str(path))
 
 
-def on_disk_only(splits: dict[str, Rows], root: Path, listing: Path) -> dict[str, Rows]:
+def on_disk_only(splits: dict[str, Rows], located: dict[str, tuple[str, str]], listing_file: Path) -> dict[str, Rows]:
     """vggsound.csv lists the whole catalogue and many videos have left YouTube, so clips that
     were never downloaded are expected: drop them (counted) instead of failing --max-missing."""
-    frames = frame_root(root)
-    present = {split: [row for row in rows if (root / "audio" / f"{row[0]}.wav").is_file()
-                       or (frames / row[0]).is_dir()] for split, rows in splits.items()}
+    listing = FolderListing()
+    present = {split: [row for row in rows if listing.has(located[row[0]][0]) or listing.has(located[row[0]][1])]
+               for split, rows in splits.items()}
     listed, found = sum(map(len, splits.values())), sum(map(len, present.values()))
     if found == 0:
-        raise UserError(f"none of the {listed} clips in {listing} has a wav in {root / 'audio'} or "
-                        f"frames in {frames}; check --data-root")
+        audio, frames = next(iter(located.values()))
+        raise UserError(f"none of the {listed} clips in {listing_file} has a wav in {Path(audio).parent} or "
+                        f"frames in {Path(frames).parent}; check --data-root (or --audio-root / --frames-root)")
     if found < listed:
-        log.info("VGGSound: %d of %d clips listed in %s are on disk under %s", found, listed, listing, root)
+        log.info("VGGSound: %d of %d clips listed in %s are on disk", found, listed, listing_file)
+    for split, rows in present.items():
+        if not rows:
+            raise UserError(f"none of the {split} clips in {listing_file} is on disk; check --data-root")
     return present

@@ -22,7 +22,7 @@ from datasets.audio import AudioRecipe
 log = logging.getLogger(__name__)
 
 # Bump when datasets/audio.py changes what a recipe computes, so old entries stop matching.
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: reflect-padded STFT (librosa 0.8's default, as released)
 
 
 def short_hash(text: str) -> str:

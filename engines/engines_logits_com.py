@@ -2,7 +2,8 @@
 
 ``train_one_epoch`` runs one pass over the training loader (every training batch exactly once);
 methods that need held-out losses (OLM's ``rate`` target) draw batches from an independently
-cycled held-out iterator, forwarded in eval mode without gradients. ``evaluate`` scores a
+cycled held-out iterator, forwarded without gradients and normalized like the training batch
+(``engines.olm.heldout_forward``). ``evaluate`` scores a
 loader with the raw logits.
 """
 from __future__ import annotations
@@ -18,8 +19,14 @@ from tqdm import tqdm
 
 from engines.metrics import HeadMetrics
 from engines.methods import Method
+from engines.olm import heldout_forward
 from utils import distributed
 from utils.errors import UserError
+
+
+# A model may return an extra training loss under this key in its output dict (the mid-fusion
+# transformers' valence regression); it joins the network loss, never the OLM coefficients.
+AUXILIARY_LOSS = "auxiliary_loss"
 
 
 class NonFiniteLoss(RuntimeError):
@@ -37,6 +44,8 @@ class StepContext:
     amp_dtype: torch.dtype | None = None
     channels_last: bool = False
     heldout_every: int = 1
+    heldout_norm: str = "batch"  # engines.olm.heldout_forward: "batch" or "running" statistics
+    loss_reduction: str = "mean"  # "sum": losses scaled to sums over the global batch (released)
     progress: bool = True
     step: int = 0
     skipped_samples: int = 0
@@ -73,7 +82,19 @@ def to_device(inputs, ctx: StepContext):
 
 
 def head_losses(logits: Mapping[str, torch.Tensor], labels: torch.Tensor, heads) -> dict[str, torch.Tensor]:
+    """Per-head cross-entropy in float32, a mean over the batch (what is logged and what OLM's
+    statistics compare; ``loss_weight`` turns the trained losses into sums)."""
     return {h: F.cross_entropy(logits[h].float(), labels) for h in heads}
+
+
+def loss_weight(ctx: StepContext, labels: torch.Tensor) -> float:
+    """What the trained losses (network and coefficient) are multiplied by: 1 for batch means;
+    for ``--loss-reduction sum`` the global batch size, so that per-rank means times it,
+    averaged over ranks as DDP does, are the released sums over the batch. The weight decay's
+    strength relative to the loss then matches the released Adam(weight_decay=2e-4) recipe."""
+    if ctx.loss_reduction == "mean":
+        return 1.0
+    return float(labels.shape[0] * distributed.world_size())
 
 
 def next_readable(heldout_iter, ctx: StepContext, attempts: int = 100):
@@ -88,20 +109,19 @@ def next_readable(heldout_iter, ctx: StepContext, attempts: int = 100):
 
 
 def heldout_losses(model, method: Method, batch, ctx: StepContext) -> dict[str, torch.Tensor]:
-    """Per-head CE of the modulated logits on one held-out batch, in eval mode, no grad;
-    BatchNorm statistics and dropout are left as they were. Under DDP the bare module runs
-    (a no-grad forward needs no gradient sync), then the losses are averaged over ranks."""
+    """Per-head CE of the modulated logits on one held-out batch, without gradients.
+
+    With ``ctx.heldout_norm == "batch"`` (default) the losses are measured like the training
+    losses: normalization uses the held-out batch's own statistics; with ``"running"`` the
+    model runs in eval mode. Either way running statistics, ``num_batches_tracked`` and the
+    training flags end as they were, and dropout is off. Under DDP the bare module runs (a
+    no-grad forward needs no gradient sync), then the losses are averaged over ranks."""
     inputs, labels, _ = batch
     model = distributed.unwrap(model)
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad(), autocast(ctx):
-            logits = model(to_device(inputs, ctx))
-            scaled = method.scale(logits)
-            losses = head_losses(scaled, labels.to(ctx.device), method.heads)
-    finally:
-        model.train(was_training)
+    with heldout_forward(model, ctx.heldout_norm), torch.no_grad(), autocast(ctx):
+        logits = model(to_device(inputs, ctx))
+        scaled = method.scale(logits)
+        losses = head_losses(scaled, labels.to(ctx.device), method.heads)
     stacked = distributed.all_reduce_mean(torch.stack([losses[h].detach() for h in method.heads]))
     return dict(zip(method.heads, stacked))
 
@@ -141,9 +161,13 @@ def train_step(model, method: Method, batch, heldout_iter, ctx: StepContext, met
         optimizer.zero_grad(set_to_none=True)
 
     with autocast(ctx):
-        logits = model(inputs)
+        logits = method.forward_train(model, inputs, labels)
     losses = head_losses(method.scale(logits), labels, method.heads)
-    loss = method.network_loss(losses)
+    network_loss = method.network_loss(losses)
+    if AUXILIARY_LOSS in logits:  # e.g. the transformers' valence MSE, trained beside the heads
+        network_loss = network_loss + logits[AUXILIARY_LOSS].float()
+    weight = loss_weight(ctx, labels)  # 1 for batch means; the global batch size for released sums
+    loss = network_loss * weight
     # One reduction gives OLM identical statistics on every rank and lets all ranks stop
     # together when any of them sees a non-finite loss.
     reduced = distributed.all_reduce_mean(torch.stack([*(losses[h].detach() for h in method.heads),
@@ -153,7 +177,8 @@ def train_step(model, method: Method, batch, heldout_iter, ctx: StepContext, met
     train_reduced = dict(zip(method.heads, reduced[:-1]))
     coefficients = method.coefficient_parameters()
 
-    (ctx.scaler.scale(loss) if ctx.scaler else loss).backward()
+    method.backward(model, loss, {h: losses[h] * weight for h in losses},
+                    lambda tensor: ctx.scaler.scale(tensor) if ctx.scaler else tensor)
     if ctx.scaler:
         # Unscale now: gradient-modulating methods read true gradients, and the coefficient
         # loss below adds an unscaled gradient to w. The scaler drives the network optimizer
@@ -173,7 +198,7 @@ def train_step(model, method: Method, batch, heldout_iter, ctx: StepContext, met
             heldout = ctx.heldout_cache
         coefficient_loss = method.coefficient_loss(logits, train_reduced, heldout)
         if coefficient_loss is not None:
-            coefficient_loss.backward()
+            (coefficient_loss * weight).backward()
         for parameter in coefficients:
             if parameter.grad is not None:  # DDP does not see w: average it here, as DDP would
                 parameter.grad.copy_(distributed.all_reduce_mean(parameter.grad))
@@ -194,7 +219,9 @@ def train_step(model, method: Method, batch, heldout_iter, ctx: StepContext, met
             raise NonFiniteLoss(f"the OLM coefficient gradient became non-finite at step {ctx.step}")
         ctx.coefficient_optimizer.step()
     ctx.step += 1
-    metrics.update(logits, labels, losses)
+    # Logged like val/test, on the raw logits; the loss the method trained on sits beside it.
+    with torch.no_grad():
+        metrics.update(logits, labels, head_losses(logits, labels, method.heads), modulated=losses)
 
 
 def train_one_epoch(model, method: Method, loader, heldout_iter, ctx: StepContext, epoch: int):
@@ -211,9 +238,10 @@ def train_one_epoch(model, method: Method, loader, heldout_iter, ctx: StepContex
 
 
 @torch.no_grad()
-def evaluate(model, loader, heads, ctx: StepContext, desc: str = "eval") -> HeadMetrics:
-    """Raw-logit metrics of ``model`` on ``loader`` (eval mode). Under DDP the bare module runs:
-    ranks may hold different numbers of batches, so no collective may happen in this loop."""
+def evaluate(model, loader, heads, ctx: StepContext, desc: str = "eval", method: Method | None = None) -> HeadMetrics:
+    """Raw-logit metrics of ``model`` on ``loader`` (eval mode); ``method.forward_eval`` makes
+    the logits when given (MLA's fused prediction). Under DDP the bare module runs: ranks may
+    hold different numbers of batches, so no collective may happen in this loop."""
     model = distributed.unwrap(model)
     was_training = model.training
     model.eval()
@@ -225,7 +253,8 @@ def evaluate(model, loader, heads, ctx: StepContext, desc: str = "eval") -> Head
             continue
         labels = labels.to(ctx.device, non_blocking=True)
         with autocast(ctx):
-            logits = model(to_device(inputs, ctx))
+            inputs = to_device(inputs, ctx)
+            logits = method.forward_eval(model, inputs) if method is not None else model(inputs)
         metrics.update(logits, labels, head_losses(logits, labels, heads))
     model.train(was_training)
     return metrics

@@ -53,9 +53,29 @@ class Method(nn.Module):
     def network_loss(self, losses: Mapping[str, torch.Tensor]) -> torch.Tensor:
         return sum(losses[h] for h in self.trained_heads())
 
+    def forward_train(self, model: nn.Module, inputs, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The training step's logits: where a method adds forwards (AGM's masked-modality
+        fusions), loss terms of its own (PMR) or replaces a head's logits."""
+        return model(inputs)
+
+    def backward(self, model: nn.Module, loss: torch.Tensor, losses: Mapping[str, torch.Tensor],
+                 for_backward: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        """Backward of the network loss. ``losses`` are the per-head losses with the loop's loss
+        weight applied; ``for_backward`` applies the AMP loss scale (identity without it).
+        MMPareto takes per-loss gradients here."""
+        for_backward(loss).backward()
+
     def after_backward(self, model: nn.Module, logits: Mapping[str, torch.Tensor],
                        labels: torch.Tensor) -> None:
         """Hook between backward and the optimizer step (gradient modulation)."""
+
+    def forward_eval(self, model: nn.Module, inputs) -> dict[str, torch.Tensor]:
+        """Evaluation-time logits (MLA fuses its unimodal predictions here)."""
+        return model(inputs)
+
+    def end_epoch(self, epoch: int, train: Mapping[str, dict], val: Mapping[str, dict]) -> None:
+        """Called after each epoch's validation with the per-head metrics reduced over ranks
+        (``train[head]["loss"]``, ``val[head]["loss"]``, ...), identical on every rank."""
 
     def coefficient_parameters(self) -> list[nn.Parameter]:
         return []
@@ -80,11 +100,11 @@ class OLM(Method):
     """Online Logit Modulation with a ``LogitModulator`` over every head."""
 
     def __init__(self, heads: Sequence[str], target: str = "rate", target_scale: str = "reference",
-                 reference_steps: int = 1, **options):
+                 reference_steps: int = 1, reference_tail: int | None = None, **options):
         super().__init__(heads, **options)
         self.name = "olm" if target == "rate" else "olm_loss_ratio"
         self.modulator = LogitModulator(heads, target=target, target_scale=target_scale,
-                                        reference_steps=reference_steps)
+                                        reference_steps=reference_steps, reference_tail=reference_tail)
         self.needs_heldout = target == "rate"
 
     def scale(self, logits):
@@ -114,8 +134,13 @@ def olm_loss_ratio(heads, target_scale="reference", **options):
 
 
 def check_method_name(name: str) -> None:
-    # Baselines live in their own module and register themselves on import.
+    # Baselines and the balancing methods live in their own modules and register on import.
+    import engines.agm  # noqa: F401
     import engines.baselines  # noqa: F401
+    import engines.g_blending  # noqa: F401
+    import engines.mla  # noqa: F401
+    import engines.mmpareto  # noqa: F401
+    import engines.pmr  # noqa: F401
     if name not in METHODS:
         raise UserError(f"unknown method {name!r} (--method); choose one of: {', '.join(sorted(METHODS))}")
 
@@ -129,5 +154,9 @@ def method_from_config(cfg, heads: Sequence[str], train_size: int) -> Method:
     """The method a run's config asks for; OLM's reference spans one epoch unless
     ``--reference-steps`` says otherwise."""
     steps_per_epoch = math.ceil(train_size / cfg.batch_size)
-    return build_method(cfg.method, heads, target_scale=cfg.target_scale,
-                        reference_steps=cfg.reference_steps or steps_per_epoch, alpha=cfg.ogm_alpha)
+    reference_steps = cfg.reference_steps or steps_per_epoch
+    # --reference-tail is a share of the window: its last ceil(share * steps) steps make L0.
+    reference_tail = max(1, math.ceil(getattr(cfg, "reference_tail", 1.0) * reference_steps))
+    return build_method(cfg.method, heads, target_scale=cfg.target_scale, reference_steps=reference_steps,
+                        reference_tail=reference_tail, alpha=cfg.ogm_alpha, steps_per_epoch=steps_per_epoch,
+                        modulation_epochs=(cfg.ogm_modulation_starts, cfg.ogm_modulation_ends))

@@ -19,11 +19,15 @@ class HeadMetrics:
         self.labels: list[np.ndarray] = []
         self.loss_sums = defaultdict(float)
         self.norm_sums = defaultdict(float)
+        self.modulated_sums = defaultdict(float)  # the loss a method trained on, when given
         self.count = 0
 
     @torch.no_grad()
     def update(self, logits: Mapping[str, torch.Tensor], labels: torch.Tensor,
-               losses: Mapping[str, torch.Tensor]) -> None:
+               losses: Mapping[str, torch.Tensor],
+               modulated: Mapping[str, torch.Tensor] | None = None) -> None:
+        """``losses``: per-head batch means of the raw logits' CE; ``modulated``: the same for
+        the logits the method trained on (OLM's w_k z_k), logged as ``loss_modulated``."""
         batch = labels.shape[0]
         self.labels.append(labels.detach().cpu().numpy())
         for head in self.heads:
@@ -31,6 +35,8 @@ class HeadMetrics:
             self.predictions[head].append(z.argmax(dim=1).cpu().numpy())
             self.loss_sums[head] += float(losses[head]) * batch
             self.norm_sums[head] += float(z.norm(dim=1).sum())
+            if modulated is not None:
+                self.modulated_sums[head] += float(modulated[head]) * batch
         self.count += batch
 
     def merge_arrays(self):
@@ -40,12 +46,14 @@ class HeadMetrics:
                        else np.zeros(0, dtype=np.int64) for h in self.heads}
         return labels, predictions
 
-    def compute(self, labels=None, predictions=None, loss_sums=None, norm_sums=None, count=None):
+    def compute(self, labels=None, predictions=None, loss_sums=None, norm_sums=None, count=None,
+                modulated_sums=None):
         if labels is None:
             labels, predictions = self.merge_arrays()
         loss_sums = loss_sums if loss_sums is not None else self.loss_sums
         norm_sums = norm_sums if norm_sums is not None else self.norm_sums
         count = count if count is not None else self.count
+        modulated_sums = modulated_sums if modulated_sums is not None else self.modulated_sums
         result = {}
         for head in self.heads:
             pred = predictions[head]
@@ -53,6 +61,11 @@ class HeadMetrics:
                 "loss": loss_sums[head] / max(count, 1),
                 "acc": float((pred == labels).mean()) if labels.size else 0.0,
                 "f1": float(f1_score(labels, pred, average="macro", zero_division=0)) if labels.size else 0.0,
+                # MER2023's emotion metric (class-frequency weighted F1); main_trans.py selects on it
+                "f1_weighted": (float(f1_score(labels, pred, average="weighted", zero_division=0))
+                                if labels.size else 0.0),
                 "norm": norm_sums[head] / max(count, 1),
             }
+            if head in modulated_sums:
+                result[head]["loss_modulated"] = modulated_sums[head] / max(count, 1)
         return result

@@ -7,17 +7,30 @@ Plug-and-play contract (see README "Use LogitModulator in your own loop"):
     loss = mod.norm_loss(logits, train_losses, heldout_losses)   # trains w only
 
 Decisions that differ from the released snippet, and why:
-- the reference losses are the mean over the first ``reference_steps`` calls, not the last
-  batch of epoch 0 (one batch is a noisy reference for the whole run);
-- CE and the norm loss are both means over the batch, so their ratio (and so the dynamics of
-  the coefficients) is the released one while the scale no longer depends on batch size.
+- the reference losses are the mean over the last ``reference_tail`` calls of the first
+  ``reference_steps`` calls (by default the last quarter of the first epoch), not the last
+  batch of epoch 0 alone (one batch is a noisy reference for the whole run), nor the whole
+  first epoch (that folds the near-chance losses of the first steps into G);
+- held-out losses are measured like training losses (:func:`heldout_forward`): normalization
+  layers use the held-out batch's own statistics, but their running statistics and dropout
+  are left untouched;
+- ``norm_loss`` is a mean over the batch; the released code sums it (and its CE) over the
+  batch. Under Adam that matters only where a coupled weight decay is added to the
+  gradient: the trainer multiplies both losses by the batch size (``--loss-reduction sum``,
+  the default), which is the released sum exactly.
+- ``scale`` and ``norm_loss`` compute in float32 whatever autocast is active: ``w_k * z_k``
+  in fp16 or bf16 would also give w's gradient in that precision (under fp16 loss scaling it
+  overflows while the network's gradient stays finite).
 """
 from __future__ import annotations
 
 from typing import Mapping, Sequence
 
+import contextlib
+
 import torch
 from torch import nn
+from torch.nn.modules.batchnorm import _NormBase
 
 TARGETS = ("rate", "loss_ratio")
 TARGET_SCALES = ("reference", "mean")
@@ -25,6 +38,45 @@ TARGET_SCALES = ("reference", "mean")
 CLAMP_MIN = 1e-6
 # A softmax whose largest entry exceeds this is "one-hot": the rate target has saturated.
 SATURATION = 0.99
+# How a held-out forward normalizes (see heldout_forward).
+HELDOUT_NORMS = ("batch", "running")
+
+
+@contextlib.contextmanager
+def heldout_forward(model: nn.Module, norm: str = "batch"):
+    """Put ``model`` in the state a held-out forward needs, and restore it afterwards.
+
+    ``norm="batch"``: the held-out loss is measured like the training loss: BatchNorm (and
+    any running-statistics norm) normalizes with the held-out batch's own statistics, while
+    its running mean/var and ``num_batches_tracked`` stay byte-identical, and dropout is off.
+    ``norm="running"``: plain ``eval()``: normalization with the running statistics. Early
+    in training those are far from the data, which inflates the held-out losses that become
+    OLM's reference, so G and C then compare losses measured two different ways.
+    Gradients are not disabled here: wrap the forward in ``torch.no_grad()``.
+    """
+    if norm not in HELDOUT_NORMS:
+        raise ValueError(f"norm must be one of {HELDOUT_NORMS}, got {norm!r}")
+    modes = {module: module.training for module in model.modules()}
+    norms = [m for m in model.modules() if isinstance(m, _NormBase)] if norm == "batch" else []
+    tracking = {m: m.track_running_stats for m in norms}
+    model.eval()
+    for module in norms:
+        # training=True with track_running_stats=False: batch statistics, and the running
+        # buffers are neither read nor written (num_batches_tracked included).
+        module.training = True
+        module.track_running_stats = False
+    try:
+        yield model
+    finally:
+        for module in norms:
+            module.track_running_stats = tracking[module]
+        for module, mode in modes.items():
+            module.training = mode
+
+
+def float32_region(tensor: torch.Tensor):
+    """Autocast off on ``tensor``'s device: what runs inside keeps float32 inputs in float32."""
+    return torch.autocast(device_type=tensor.device.type, enabled=False)
 
 
 class LogitModulator(nn.Module):
@@ -37,12 +89,16 @@ class LogitModulator(nn.Module):
         target_scale: for ``rate`` only: ``"reference"`` keeps the released scale (the
             softmax sums to 1, so targets are 1/M of the mean norm); ``"mean"`` multiplies the
             ratios by M so they average 1 like ``loss_ratio``.
-        reference_steps: how many ``norm_loss`` calls average into the reference losses;
+        reference_steps: how many first ``norm_loss`` calls make the reference window;
             during them the current losses are their own reference (uniform ratios).
+        reference_tail: how many of the window's last calls are averaged into the reference
+            losses (``None`` or >= ``reference_steps``: the whole window; 1: its last call,
+            the released semantics).
     """
 
     def __init__(self, heads: Sequence[str], target: str = "rate",
-                 target_scale: str = "reference", reference_steps: int = 1):
+                 target_scale: str = "reference", reference_steps: int = 1,
+                 reference_tail: int | None = None):
         super().__init__()
         heads = tuple(heads)
         if len(heads) < 2 or len(set(heads)) != len(heads):
@@ -53,10 +109,13 @@ class LogitModulator(nn.Module):
             raise ValueError(f"target_scale must be one of {TARGET_SCALES}, got {target_scale!r}")
         if int(reference_steps) < 1:
             raise ValueError(f"reference_steps must be >= 1, got {reference_steps}")
+        if reference_tail is not None and int(reference_tail) < 1:
+            raise ValueError(f"reference_tail must be >= 1 or None, got {reference_tail}")
         self.heads = heads
         self.target = target
         self.target_scale = target_scale
         self.reference_steps = int(reference_steps)
+        self.reference_tail = min(int(reference_tail or reference_steps), self.reference_steps)
         self.coefficients = nn.Parameter(torch.ones(len(heads)))
         # Buffers, so state_dict() carries them and a resumed run continues identically.
         self.register_buffer("reference_train", torch.zeros(len(heads)))
@@ -72,8 +131,9 @@ class LogitModulator(nn.Module):
         return self.coefficients[self.heads.index(head)]
 
     def scale(self, logits: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Return head -> w_k * z_k, keeping autograd to both w and z."""
-        return {head: self.coefficients[k] * logits[head] for k, head in enumerate(self.heads)}
+        """Return head -> w_k * z_k in float32, keeping autograd to both w and z."""
+        with float32_region(self.coefficients):
+            return {head: logits[head].float() * self.coefficients[k] for k, head in enumerate(self.heads)}
 
     def _stack(self, losses: Mapping[str, torch.Tensor], name: str) -> torch.Tensor:
         missing = [h for h in self.heads if h not in losses]
@@ -84,11 +144,14 @@ class LogitModulator(nn.Module):
                             for h in self.heads])
 
     def _update_reference(self, train: torch.Tensor, heldout: torch.Tensor | None) -> None:
-        count = int(self.reference_count) + 1
-        self.reference_train += (train - self.reference_train) / count
-        if heldout is not None:
-            self.reference_heldout += (heldout - self.reference_heldout) / count
         self.reference_count += 1
+        # Calls before the window's tail are counted but not averaged in.
+        in_tail = int(self.reference_count) - (self.reference_steps - self.reference_tail)
+        if in_tail < 1:
+            return
+        self.reference_train += (train - self.reference_train) / in_tail
+        if heldout is not None:
+            self.reference_heldout += (heldout - self.reference_heldout) / in_tail
 
     def target_ratios(self, train: torch.Tensor, heldout: torch.Tensor | None) -> torch.Tensor:
         """Ratios r (one per head) from detached loss vectors; also fills ``last``."""
@@ -106,6 +169,9 @@ class LogitModulator(nn.Module):
             ratios = torch.softmax(gain_g.clamp(min=CLAMP_MIN) / gain_c.clamp(min=CLAMP_MIN), dim=0)
             self.last["G"], self.last["C"] = gain_g, gain_c
             self.last["saturated"] = (ratios.max() > SATURATION).float()
+            # One-hot on the head that took (almost) all the mass, zeros when not saturated:
+            # its epoch mean is each head's share of saturated steps.
+            self.last["saturated_head"] = (ratios > SATURATION).float()
             if self.target_scale == "mean":
                 ratios = ratios * len(self.heads)
         return ratios
@@ -128,13 +194,14 @@ class LogitModulator(nn.Module):
             ratios = self.target_ratios(train, heldout)
             if self.collecting_reference:
                 self._update_reference(train, heldout)
-        raw_norms = torch.stack([logits[h].detach().float().norm(dim=1) for h in self.heads], dim=1)
-        norms = raw_norms * self.coefficients  # (B, M): only w carries gradient
-        targets = (norms.detach().mean(dim=1, keepdim=True) * ratios).detach()
-        loss = (norms - targets).abs().sum(dim=1).mean()
+        with float32_region(self.coefficients):
+            raw_norms = torch.stack([logits[h].detach().float().norm(dim=1) for h in self.heads], dim=1)
+            norms = raw_norms * self.coefficients  # (B, M): only w carries gradient
+            targets = (norms.detach().mean(dim=1, keepdim=True) * ratios).detach()
+            loss = (norms - targets).abs().sum(dim=1).mean()
         self.last.update(ratios=ratios, targets_mean=targets.mean(0), norms_mean=norms.detach().mean(0))
         return loss
 
     def extra_repr(self) -> str:
         return (f"heads={self.heads}, target={self.target!r}, target_scale={self.target_scale!r}, "
-                f"reference_steps={self.reference_steps}")
+                f"reference_steps={self.reference_steps}, reference_tail={self.reference_tail}")

@@ -19,8 +19,8 @@ from config import Config
 from engines.engines_logits_com import NonFiniteLoss, StepContext, cycle, evaluate, train_one_epoch
 from engines.methods import Method
 from utils import distributed
-from utils.checkpoint import (load_checkpoint, remove_stale_temporaries, restore_rng_state, resume_path,
-                              rng_state, save_atomic)
+from utils.checkpoint import (INFERENCE_KIND, load_training_checkpoint, remove_stale_temporaries,
+                              restore_rng_state, resume_path, rng_state, save_atomic)
 from utils.distributed_data import ShardedSampler, per_rank_batch, reduce_metrics
 from utils.distributed_setup import wrap_model
 from utils.errors import UserError
@@ -98,17 +98,36 @@ def amp_dtype(cfg: Config, device: torch.device) -> torch.dtype | None:
     return dtype
 
 
+def network_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
+    """Adam (released OLM) or SGD with momentum (OGM-GE's recipe), both with coupled weight decay.
+    With ``--loss-reduction sum`` the gradient is a sum over the batch, so ``--weight-decay``
+    has the strength the released Adam(weight_decay=2e-4) gives it."""
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    raise UserError(f"--optimizer {cfg.optimizer!r} is not one of: adam, sgd")
+
+
+def fp16_scaler(cfg: Config, device_type: str = "cuda") -> torch.amp.GradScaler:
+    """GradScaler for fp16. Summed losses make gradients about batch-size times larger than
+    means, so the initial scale is divided by the batch: fewer overflowing first steps."""
+    init_scale = 2.0 ** 16 / (cfg.batch_size if cfg.loss_reduction == "sum" else 1)
+    return torch.amp.GradScaler(device_type, init_scale=init_scale)
+
+
 def make_context(cfg: Config, model: nn.Module, method: Method, device: torch.device) -> StepContext:
-    network = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    network = network_optimizer(cfg, model)
     coefficients = method.coefficient_parameters()
     coefficient_optimizer = (torch.optim.Adam(coefficients, lr=cfg.coef_lr, weight_decay=cfg.coef_weight_decay)
                              if coefficients else None)
     dtype = amp_dtype(cfg, device)
     # bf16 keeps float32's exponent range, so only fp16 needs loss scaling.
-    scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
+    scaler = fp16_scaler(cfg, device.type) if dtype == torch.float16 else None
     return StepContext(device=device, network_optimizer=network, coefficient_optimizer=coefficient_optimizer,
                        scaler=scaler, amp_dtype=dtype, channels_last=cfg.channels_last,
-                       heldout_every=max(1, cfg.heldout_every), progress=cfg.progress)
+                       heldout_every=max(1, cfg.heldout_every), heldout_norm=cfg.heldout_norm,
+                       loss_reduction=cfg.loss_reduction, progress=cfg.progress)
 
 
 def checkpoint_payload(cfg, model, method, ctx, scheduler, loaders, epoch, best, skipped) -> dict:
@@ -123,6 +142,14 @@ def checkpoint_payload(cfg, model, method, ctx, scheduler, loaders, epoch, best,
         "skipped_samples": skipped, "heldout_cache": dict(ctx.heldout_cache),
         "rng": rng_state(), "loader_rng": {k: g.get_state() for k, g in loaders.generators.items()},
     }
+
+
+def inference_payload(cfg, model, epoch, best, classes=None) -> dict:
+    """best.pt: what evaluation and inference need (weights, options, class names, the epoch
+    and its metrics), without optimizer state, random states or the method's internals."""
+    return {"model": distributed.unwrap(model).state_dict(), "config": cfg.to_dict(), "classes": classes,
+            "epoch": epoch, "metrics": {"val": best["val"], "test": best["test"]},
+            "coefficients": best["coefficients"], "kind": INFERENCE_KIND}
 
 
 def restore(payload, model, method, ctx, scheduler, loaders, source: Path) -> tuple[int, dict]:
@@ -170,7 +197,7 @@ def fit(cfg: Config, model: nn.Module, method: Method, loaders: Loaders, run_dir
     done, best = 0, {"epoch": 0, "val_acc": -1.0}
     if cfg.resume:
         source = resume_path(cfg.resume)
-        done, best = restore(load_checkpoint(source), net, method, ctx, scheduler, loaders, source)
+        done, best = restore(load_training_checkpoint(source), net, method, ctx, scheduler, loaders, source)
     model = wrap_model(model, device, method)
     logger = RunLogger(run_dir, enabled=main)
     if main:
@@ -190,8 +217,9 @@ def fit(cfg: Config, model: nn.Module, method: Method, loaders: Loaders, run_dir
                 raise UserError(stop_message(error, run_dir, epoch - 1)) from None
             distributed.broadcast_buffers(net)
             train = reduce_metrics(train_metrics)
-            val = reduce_metrics(evaluate(net, loaders.val, heads, ctx, f"epoch {epoch} val"))
-            test = reduce_metrics(evaluate(net, loaders.test, heads, ctx, f"epoch {epoch} test"))
+            val = reduce_metrics(evaluate(net, loaders.val, heads, ctx, f"epoch {epoch} val", method))
+            test = reduce_metrics(evaluate(net, loaders.test, heads, ctx, f"epoch {epoch} test", method))
+            method.end_epoch(epoch, train, val)  # G-Blending's weights, PMR's prototypes
             skipped = distributed.all_reduce_sum(ctx.skipped_samples)
             if scheduler is not None:
                 scheduler.step()
@@ -199,19 +227,22 @@ def fit(cfg: Config, model: nn.Module, method: Method, loaders: Loaders, run_dir
                    "train": train, "val": val, "test": test, "coefficients": method.coefficients(),
                    "olm": diagnostics, "skipped_samples": skipped, "seconds": time.time() - epoch_began}
             logger.log_epoch(row)
-            improved = val[selection]["acc"] > best["val_acc"]
+            # "val_acc" holds the selection score: accuracy, or --selection-metric's metric.
+            score = val[selection][getattr(cfg, "selection_metric", "acc")]
+            improved = score > best["val_acc"]
             if improved:
-                best = {"epoch": epoch, "val_acc": val[selection]["acc"], "val": val, "test": test,
+                best = {"epoch": epoch, "val_acc": score, "val": val, "test": test,
                         "coefficients": row["coefficients"]}
             best["seconds"] = time.time() - began
             best["skipped_samples"] = skipped
             if main:
-                payload = checkpoint_payload(cfg, model, method, ctx, scheduler, loaders, epoch, best, skipped)
                 # best.pt first: a kill between the two writes leaves last.pt one epoch back,
                 # and the resumed run redoes that epoch and rewrites both.
                 if improved:
-                    save_atomic(payload, run_dir / "best.pt")
-                save_atomic(payload, run_dir / "last.pt")
+                    save_atomic(inference_payload(cfg, model, epoch, best, (extra_results or {}).get("classes")),
+                                run_dir / "best.pt")
+                save_atomic(checkpoint_payload(cfg, model, method, ctx, scheduler, loaders, epoch, best, skipped),
+                            run_dir / "last.pt")
     finally:
         logger.close()
     if best["epoch"] == 0:

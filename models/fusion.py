@@ -1,4 +1,9 @@
-"""Late-fusion heads: a list of per-modality features (B, D_m) -> fusion logits (B, C)."""
+"""Late-fusion heads: a list of per-modality features (B, D_m) -> fusion logits (B, C).
+
+Heads whose logits are a sum of per-modality terms (``sum``, ``concat``) also expose
+``modality_logits(features)``: each modality's own share of the fusion logits, which OGM-GE
+scores modalities by (``modality_parts`` returns None for the heads that mix modalities).
+"""
 from __future__ import annotations
 
 from typing import Sequence
@@ -6,7 +11,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-FUSIONS = ("sum", "concat", "film", "gated", "attention", "bilinear")
+FUSIONS = ("sum", "concat", "film", "gated", "attention", "bilinear", "bilinear_full")
 
 
 class SumFusion(nn.Module):
@@ -19,6 +24,10 @@ class SumFusion(nn.Module):
     def forward(self, features: Sequence[torch.Tensor]) -> torch.Tensor:
         return sum(fc(f) for fc, f in zip(self.classifiers, features))
 
+    def modality_logits(self, features: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """Each modality's own classifier, bias included (they add up to the fusion logits)."""
+        return [fc(f) for fc, f in zip(self.classifiers, features)]
+
 
 class ConcatFusion(nn.Module):
     def __init__(self, dims: Sequence[int], num_classes: int):
@@ -27,6 +36,13 @@ class ConcatFusion(nn.Module):
 
     def forward(self, features: Sequence[torch.Tensor]) -> torch.Tensor:
         return self.classifier(torch.cat(list(features), dim=1))
+
+    def modality_logits(self, features: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """Each modality's block of the weight applied to its features, plus an equal share
+        of the bias (half of it with two modalities); the parts add up to the fusion logits."""
+        weights = self.classifier.weight.split([f.shape[1] for f in features], dim=1)
+        bias = self.classifier.bias / len(features)
+        return [f @ w.t() + bias for f, w in zip(features, weights)]
 
 
 class FiLMFusion(nn.Module):
@@ -74,12 +90,31 @@ class AttentionFusion(nn.Module):
 
 
 class BilinearFusion(nn.Module):
-    """z = x1^T W x2 + b (the released default); defined for exactly two modalities."""
+    """The released ``bilinear`` head: each modality projected by its own ``Linear(D, D)``, the
+    projections multiplied elementwise, then ``Linear(D, classes)``; exactly two modalities."""
 
     def __init__(self, dims: Sequence[int], num_classes: int):
         super().__init__()
         if len(dims) != 2:
             raise ValueError(f"fusion 'bilinear' takes exactly two modalities, got {len(dims)}")
+        if dims[0] != dims[1]:
+            raise ValueError(f"fusion 'bilinear' needs equal feature widths, got {dims[0]} and {dims[1]}")
+        self.projections = nn.ModuleList(nn.Linear(d, d) for d in dims)
+        self.classifier = nn.Linear(dims[0], num_classes)
+
+    def forward(self, features: Sequence[torch.Tensor]) -> torch.Tensor:
+        first, second = (p(f) for p, f in zip(self.projections, features))
+        return self.classifier(first * second)
+
+
+class FullBilinearFusion(nn.Module):
+    """z = x1^T W x2 + b with a full ``nn.Bilinear``: D1 x D2 weights per class (81M parameters
+    at 512 x 512 x 309 classes); not the released head, kept as ``bilinear_full``."""
+
+    def __init__(self, dims: Sequence[int], num_classes: int):
+        super().__init__()
+        if len(dims) != 2:
+            raise ValueError(f"fusion 'bilinear_full' takes exactly two modalities, got {len(dims)}")
         self.bilinear = nn.Bilinear(dims[0], dims[1], num_classes)
 
     def forward(self, features: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -87,7 +122,8 @@ class BilinearFusion(nn.Module):
 
 
 _BUILDERS = {"sum": SumFusion, "concat": ConcatFusion, "film": FiLMFusion,
-             "gated": GatedFusion, "attention": AttentionFusion, "bilinear": BilinearFusion}
+             "gated": GatedFusion, "attention": AttentionFusion, "bilinear": BilinearFusion,
+             "bilinear_full": FullBilinearFusion}
 
 
 def build_fusion(name: str, dims: Sequence[int], num_classes: int) -> nn.Module:
@@ -96,3 +132,10 @@ def build_fusion(name: str, dims: Sequence[int], num_classes: int) -> nn.Module:
     if len(dims) < 2:
         raise ValueError("late fusion needs at least two modalities")
     return _BUILDERS[name](list(dims), num_classes)
+
+
+def modality_parts(fusion: nn.Module, features: Sequence[torch.Tensor]) -> list[torch.Tensor] | None:
+    """Each modality's share of ``fusion``'s logits, or None where the head mixes modalities
+    before classifying (film, gated, attention, bilinear) and no such share exists."""
+    split = getattr(fusion, "modality_logits", None)
+    return split(features) if split is not None else None

@@ -19,6 +19,9 @@ class LateFusionClassifier(nn.Module):
     ``detach_unimodal_heads``: when True the unimodal heads read detached features, so they
     are read-outs that measure what each encoder learned without training it (the
     ``fusion_only`` baseline sets this).
+
+    ``keep_features``: when True, ``last_features`` holds the last forward's encoder features
+    (modality -> (B, D), with their graph) for methods that need them.
     """
 
     def __init__(self, num_classes: int, modalities: Sequence[str] = ("audio", "visual"),
@@ -37,9 +40,15 @@ class LateFusionClassifier(nn.Module):
         self.fusion = build_fusion(fusion, [feature_dim] * len(self.modalities), num_classes)
         self.heads = (*self.modalities, "fusion")
         self.detach_unimodal_heads = False
+        # Methods that read the encoders' features (PMR's prototypes, AGM's masked fusion,
+        # MLA's shared head) set this; off by default so the model holds no graph between steps.
+        self.keep_features = False
+        self.last_features: dict[str, torch.Tensor] = {}
 
     def forward(self, inputs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         features = {m: self.encoders[m](inputs[m]) for m in self.modalities}
+        if self.keep_features:
+            self.last_features = features
         logits = {}
         for m in self.modalities:
             f = features[m].detach() if self.detach_unimodal_heads else features[m]

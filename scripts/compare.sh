@@ -15,7 +15,11 @@ usage: scripts/compare.sh [GPU] [DATASET] [SEEDS] [main.py flags ...]
 
 Runs land in runs/compare-<DATASET>/<method>-s<seed>/ (set COMPARE_ROOT to change the
 parent folder), then compare.md and compare.png are written next to them.
-Environment: METHODS="joint olm" limits the methods; PYTHON picks the interpreter.
+Environment: METHODS="joint olm" limits the methods, and an entry METHOD:--flag=value
+runs a variant under its own label (olm:--heldout-norm=running -> olm-running-s<seed>/);
+PYTHON picks the interpreter;
+KEEP_CHECKPOINTS (default none: the report needs no checkpoint) is passed to
+--keep-checkpoints, e.g. KEEP_CHECKPOINTS=best keeps each run's weights.
 EOF
 }
 
@@ -43,16 +47,33 @@ fi
 
 cd "$(dirname "$0")/.."
 PYTHON="${PYTHON:-python}"
-METHODS="${METHODS:-audio_only visual_only joint fusion_only ogm_ge olm olm_loss_ratio olm_mean}"
+METHODS="${METHODS:-audio_only visual_only joint fusion_only ogm_ge olm olm_loss_ratio olm_mean g_blending pmr agm mmpareto mla}"
 ROOT="${COMPARE_ROOT:-runs}/compare-${DATASET}"
+KEEP="${KEEP_CHECKPOINTS:-none}"
 mkdir -p "$ROOT"
+
+# A METHODS entry is a method, or a variant: METHOD:--flag=value[:--flag=value...], run
+# under the label METHOD-value[-value...] (olm:--heldout-norm=running -> olm-running), or
+# LABEL=METHOD:--flag=value... to name it. utils.compare groups runs by that label.
+parse_entry() {
+  local head="${1%%:*}" flag
+  variant_flags=()
+  if [[ "$1" == *:* ]]; then IFS=':' read -ra variant_flags <<< "${1#*:}"; fi
+  method="${head#*=}"
+  if [[ "$head" == *=* ]]; then label="${head%%=*}"; return; fi
+  label="$method"
+  for flag in "${variant_flags[@]}"; do
+    if [[ "$flag" == *=* ]]; then label+="-${flag#*=}"; else label+="-${flag##*-}"; fi
+  done
+}
 
 failed=()
 for seed in $(seq 0 $((SEEDS - 1))); do
-  for method in $METHODS; do
-    run="$ROOT/${method}-s${seed}"
+  for entry in $METHODS; do
+    parse_entry "$entry"
+    run="$ROOT/${label}-s${seed}"
     if [[ -f "$run/results.json" ]]; then
-      echo "== $method seed $seed: done already ($run)"; continue
+      echo "== $label seed $seed: done already ($run)"; continue
     fi
     resume=()
     if [[ -f "$run/last.pt" ]]; then
@@ -60,13 +81,15 @@ for seed in $(seq 0 $((SEEDS - 1))); do
     elif [[ -e "$run" ]]; then
       # Stopped before its first checkpoint: nothing to resume, keep it aside and restart.
       stale="$run.incomplete-$(date +%Y%m%d-%H%M%S)"
-      mv "$run" "$stale"; echo "== $method seed $seed: moved an unfinished run without checkpoint to $stale"
+      mv "$run" "$stale"; echo "== $label seed $seed: moved an unfinished run without checkpoint to $stale"
     fi
-    echo "== $method seed $seed -> $run"
-    if ! "$PYTHON" main.py --dataset "$DATASET" --method "$method" --seed "$seed" --out "$run" \
-         "${DEVICE[@]}" "${resume[@]}" "${EXTRA[@]}"; then
-      failed+=("$method-s$seed")
-      echo "== $method seed $seed FAILED (continuing with the others)" >&2
+    echo "== $label seed $seed -> $run"
+    # The report reads results.json and metrics.jsonl only: no checkpoint is kept once a run
+    # has finished (last.pt exists while it trains, so an interrupted run still resumes).
+    if ! "$PYTHON" main.py --keep-checkpoints "$KEEP" --dataset "$DATASET" --method "$method" --seed "$seed" --out "$run" \
+         "${DEVICE[@]}" "${resume[@]}" "${EXTRA[@]}" "${variant_flags[@]}"; then
+      failed+=("$label-s$seed")
+      echo "== $label seed $seed FAILED (continuing with the others)" >&2
     fi
   done
 done

@@ -3,6 +3,16 @@
 # Usage: bash scripts/run_logits.sh GPU [DATASET] [extra main.py flags...]
 #   GPU      CUDA index (0, 1, ...) or "cpu"
 #   DATASET  AVDigits (default, embedded), CREMAD, AVE, KineticSound, VGGSound
-# The released variant used batch 96; pass --batch-size 96 to match it.
+# The real datasets train with batch 96, as the released variant did; the embedded AVDigits
+# keeps its CPU-sized demo batch. A --batch-size flag overrides either.
 set -euo pipefail
-METHOD=olm_loss_ratio HELP_FROM="$0" exec bash "$(dirname "$0")/run_logits_com.sh" "$@"
+RUN_COM="$(dirname "$0")/run_logits_com.sh"
+if [[ $# -lt 1 || "$1" == -* ]]; then  # no GPU given: run_logits_com.sh prints this usage
+  METHOD=olm_loss_ratio HELP_FROM="$0" exec bash "$RUN_COM" "$@"
+fi
+GPU=$1; shift
+DATASET=AVDigits
+if [[ $# -gt 0 && "$1" != -* ]]; then DATASET=$1; shift; fi
+BATCH=()
+if [[ "${DATASET,,}" != "avdigits" ]]; then BATCH=(--batch-size 96); fi
+METHOD=olm_loss_ratio HELP_FROM="$0" exec bash "$RUN_COM" "$GPU" "$DATASET" "${BATCH[@]}" "$@"

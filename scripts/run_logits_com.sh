@@ -16,4 +16,4 @@ if [[ $# -gt 0 && "$1" != -* ]]; then DATASET=$1; shift; fi
 if [[ "$GPU" == "cpu" ]]; then DEVICE=cpu; elif [[ "$GPU" =~ ^[0-9]+$ ]]; then DEVICE="cuda:$GPU"; else
   echo "error: GPU must be a CUDA index or 'cpu', got '$GPU'" >&2; exit 2; fi
 cd "$(dirname "$0")/.."
-exec python main.py --dataset "$DATASET" --method "$METHOD" --device "$DEVICE" "$@"
+exec "${PYTHON:-python}" main.py --dataset "$DATASET" --method "$METHOD" --device "$DEVICE" "$@"

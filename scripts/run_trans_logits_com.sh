@@ -7,10 +7,11 @@
 #     MODEL_TYPE  emt, mbt, umt or ca
 #   e.g. bash scripts/run_trans_logits_com.sh cpu emt
 #        bash scripts/run_trans_logits_com.sh 0 mbt --dataset MERMULTI --data-root ~/datasets/MERMULTI
+#        bash scripts/run_trans_logits_com.sh cpu ca --modalities audio,visual,text   (text is opt-in)
 set -euo pipefail
 METHOD=${METHOD:-olm}
 
-usage() { sed -n '2,10s/^# \{0,1\}//p' "${HELP_FROM:-$0}"; }
+usage() { sed -n '2,11s/^# \{0,1\}//p' "${HELP_FROM:-$0}"; }
 if [[ $# -ge 1 && ( $1 == -h || $1 == --help ) ]]; then usage; exit 0; fi
 if [[ $# -lt 2 ]]; then usage >&2; echo "error: give GPU and MODEL_TYPE" >&2; exit 2; fi
 gpu=$1; model_type=$2; shift 2

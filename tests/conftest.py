@@ -1,5 +1,6 @@
 """Shared test setup: generated data goes to one temporary cache for the whole session, so
-AV-Digits is materialized once and nothing is written to the user's home folder."""
+AV-Digits is materialized once and nothing is written to the user's home folder; end-to-end
+tests train on a trimmed copy of it (``tiny_avdigits``)."""
 import os
 
 import pytest
@@ -15,3 +16,19 @@ def olm_cache(tmp_path_factory):
         os.environ.pop("OLM_CACHE", None)
     else:
         os.environ["OLM_CACHE"] = previous
+
+
+@pytest.fixture(scope="session")
+def tiny_avdigits(olm_cache, tmp_path_factory):
+    """A trimmed AV-Digits (32 train, 16 val, 16 test clips) for --data-root, built once."""
+    from tests.scaling_fixtures import full_avdigits, tiny_avdigits as trim
+
+    return trim(full_avdigits(olm_cache), tmp_path_factory.mktemp("tiny-session") / "AVDigits")
+
+
+@pytest.fixture(scope="session")
+def ddp_session(tmp_path_factory):
+    """The folder where the shared two-rank session (tests/ddp_session.py) saved its parts."""
+    from tests.ddp_session import run_session
+
+    return run_session(tmp_path_factory.mktemp("ddp-session"))

@@ -19,10 +19,12 @@ TINY_FLAGS = ["--image-size", "16", "--spec-frames", "16", "--n-fft", "62", "--b
 
 
 def full_avdigits(cache: Path) -> Path:
-    """AV-Digits materialized once under ``cache`` (later calls return at once)."""
+    """AV-Digits materialized once per test session (later calls return at once): in the
+    session's $OLM_CACHE (tests/conftest.py sets it), else under ``cache``."""
     from datasets import avdigits
 
-    return avdigits.materialize(Path(cache) / f"AVDigits-{avdigits.params_key()}")
+    base = Path(os.environ.get("OLM_CACHE") or cache)
+    return avdigits.materialize(base / f"AVDigits-{avdigits.params_key()}")
 
 
 def tiny_avdigits(source: Path, dest: Path, sizes=(32, 16, 16)) -> Path:

@@ -1,17 +1,23 @@
 """Speed switches that must not change what is learned: fp16 loss scaling with two optimizers,
---amp on a CPU, and channels-last memory format."""
+--amp on a CPU, channels-last memory format, and every method's whole training step under
+autocast (fp16 and bf16, run here with CPU autocast and a GradScaler)."""
 from __future__ import annotations
 
 import copy
+import itertools
 import logging
 
+import pytest
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 from config import Config
 from engines.engines_logits_com import DiagnosticMeans, StepContext, cycle, train_step
-from engines.methods import build_method
+from engines.methods import METHODS, build_method, check_method_name, method_from_config
 from engines.metrics import HeadMetrics
-from engines.trainer import make_context, make_loaders
+from engines.olm import LogitModulator
+from engines.trainer import fp16_scaler, make_context, make_loaders
 from tests.scaling_fixtures import VectorModel, vector_data
 
 
@@ -87,3 +93,84 @@ def test_channels_last_changes_layout_not_results():
     assert abs(results[0][0] - results[1][0]) < 1e-4
     for key, value in results[0][1].items():
         assert torch.allclose(value, results[1][1][key], atol=1e-4), key
+
+
+def registered_methods() -> list[str]:
+    check_method_name("olm")  # imports every module that registers methods
+    return sorted(METHODS)
+
+
+def autocast_model(seed=0):
+    """A late-fusion model with BatchNorm in its encoders, small enough for every method."""
+    from models.late_fusion import LateFusionClassifier
+
+    torch.manual_seed(seed)
+    encoders = {m: nn.Sequential(nn.Linear(6, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Linear(32, 16))
+                for m in ("audio", "visual")}
+    return LateFusionClassifier(4, ("audio", "visual"), "concat", encoders=encoders, feature_dim=16)
+
+
+def autocast_batch(seed):
+    generator = torch.Generator().manual_seed(seed)
+    inputs = {m: torch.randn(16, 6, generator=generator) * 3 for m in ("audio", "visual")}
+    return inputs, torch.randint(0, 4, (16,), generator=generator), 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("name", registered_methods())
+def test_every_method_trains_under_autocast_with_loss_scaling(name, dtype):
+    model = autocast_model()
+    cfg = Config(method=name, batch_size=16, lr=1e-2, coef_lr=1e-2, progress=False, device="cpu")
+    method = method_from_config(cfg, model.heads, train_size=64)
+    method.setup(model)
+    ctx = make_context(cfg, model, method, torch.device("cpu"))
+    # What --amp gives on CUDA, on the CPU: autocast around the forwards, GradScaler's scaling.
+    ctx.amp_dtype, ctx.scaler = dtype, fp16_scaler(cfg, "cpu")
+    scale = ctx.scaler.get_scale()
+    before = copy.deepcopy(model.state_dict())
+    w_before = [p.detach().clone() for p in method.coefficient_parameters()]
+    heldout = itertools.repeat(autocast_batch(99))
+    for step in range(3):
+        metrics = HeadMetrics(method.heads)
+        train_step(model, method, autocast_batch(step), heldout, ctx, metrics, DiagnosticMeans())
+    assert ctx.scaler.get_scale() == scale  # no step was skipped for overflow
+    state = model.state_dict()
+    assert all(bool(torch.isfinite(v).all()) for v in state.values() if v.is_floating_point())
+    assert any(not torch.equal(before[k], v) for k, v in state.items())
+    for w, start in zip(method.coefficient_parameters(), w_before):
+        assert bool(torch.isfinite(w).all()) and not torch.equal(w.detach(), start)
+    assert all(m["loss"] == m["loss"] for m in metrics.compute().values())  # logged, not NaN
+
+
+def test_modulated_logits_and_w_gradient_stay_float32_under_fp16():
+    """fp16 logits of norm ~100, a summed CE and a loss scale of 4096: a w * z product in fp16
+    would give w's scaled gradient (about 1e8) in fp16, i.e. inf; it must be finite and equal
+    the float32 computation."""
+    modulator = LogitModulator(("audio", "visual", "fusion"))
+    generator = torch.Generator().manual_seed(0)
+    z = {h: (torch.randn(64, 6, generator=generator) * 40).half() for h in modulator.heads}
+    labels = torch.randint(0, 6, (64,), generator=generator)
+    with torch.autocast("cpu", dtype=torch.float16):
+        scaled = modulator.scale(z)
+        assert all(v.dtype == torch.float32 for v in scaled.values())
+        loss = sum(F.cross_entropy(v, labels, reduction="sum") for v in scaled.values())
+    (loss * 4096.0).backward()
+    assert bool(torch.isfinite(modulator.coefficients.grad).all())
+    w = torch.ones(3, requires_grad=True)
+    reference = sum(F.cross_entropy(w[k] * z[h].float(), labels, reduction="sum") for k, h in enumerate(modulator.heads))
+    (reference * 4096.0).backward()
+    assert torch.allclose(modulator.coefficients.grad, w.grad, rtol=1e-5)
+
+
+def test_norm_loss_is_float32_under_bf16_autocast():
+    modulator = LogitModulator(("audio", "fusion"), target="loss_ratio")
+    z = {h: torch.randn(8, 3).bfloat16() * 30 for h in modulator.heads}
+    losses = {h: torch.tensor(1.0) for h in modulator.heads}
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = modulator.norm_loss(z, losses)
+    assert loss.dtype == torch.float32
+    loss.backward()
+    w = torch.ones(2, requires_grad=True)
+    norms = torch.stack([z[h].float().norm(dim=1) for h in modulator.heads], dim=1) * w
+    (norms - norms.detach().mean(1, keepdim=True)).abs().sum(1).mean().backward()
+    assert torch.allclose(modulator.coefficients.grad, w.grad, rtol=1e-6)

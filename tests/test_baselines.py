@@ -126,10 +126,13 @@ def expected_audio_coefficient(labels, alpha):
 
 
 def ogm_after_backward(alpha=0.3, generalization=False, noise_seed=None):
-    model = tiny_model()
+    """One OGM-GE modulation on a bilinear-fusion model: that head has no per-modality parts,
+    so the read-out logits given here decide the scores."""
+    model = tiny_model(fusion="bilinear")
     method = build_method("ogm_ge", model.heads, alpha=alpha, generalization=generalization,
                           noise_seed=noise_seed, target_scale="reference", reference_steps=5)
     method.setup(model)
+    assert method.score_source == "read-out"
     inputs, labels = tiny_batch()
     backward_network_loss(model, method, inputs, labels)
     original = {m: grads(model.encoders[m]) for m in ("audio", "visual")}
@@ -137,12 +140,14 @@ def ogm_after_backward(alpha=0.3, generalization=False, noise_seed=None):
     return model, method, original, labels
 
 
-def test_ogm_scales_only_the_dominant_encoder():
+def test_ogm_scales_only_the_dominant_encoders_weights():
     model, method, original, labels = ogm_after_backward(alpha=0.3)
     k, ratio = expected_audio_coefficient(labels, 0.3)
     assert ratio > 1 and 0 < k < 1
     for name, p in model.encoders["audio"].named_parameters():
-        assert torch.allclose(p.grad, k * original["audio"][name], atol=1e-7)
+        # Weights (the released code's convolution weights) are modulated; biases are not.
+        scale = k if p.dim() >= 2 else 1.0
+        assert torch.allclose(p.grad, scale * original["audio"][name], atol=1e-7), name
     for name, p in model.encoders["visual"].named_parameters():
         assert torch.equal(p.grad, original["visual"][name])
     assert method.diagnostics()["discrepancy"][0].item() == pytest.approx(ratio, rel=1e-5)
@@ -151,16 +156,20 @@ def test_ogm_scales_only_the_dominant_encoder():
     assert coefficients["fusion"] == 1.0
 
 
-def test_ogm_ge_noise_has_the_gradient_std_and_is_seeded():
+def test_ogm_ge_noise_has_the_unmodulated_gradient_std_and_is_seeded():
     model, _, original, labels = ogm_after_backward(alpha=0.3, generalization=True, noise_seed=7)
     again, _, _, _ = ogm_after_backward(alpha=0.3, generalization=True, noise_seed=7)
     k, _ = expected_audio_coefficient(labels, 0.3)
+    assert k < 0.5  # so the std before modulation and the one after differ clearly
     weight = "0.weight"  # 32 x 6: enough entries for a std estimate
     for m, scale in (("audio", k), ("visual", 1.0)):
         modulated = scale * original[m][weight]
         noise = dict(model.encoders[m].named_parameters())[weight].grad - modulated
         assert noise.abs().sum() > 0
-        assert noise.std().item() == pytest.approx(modulated.std().item(), rel=0.35)
+        # As released: the noise's std is the gradient's before it was multiplied by k.
+        assert noise.std().item() == pytest.approx(original[m][weight].std().item(), rel=0.35)
+        bias = dict(model.encoders[m].named_parameters())["0.bias"].grad
+        assert torch.equal(bias, original[m]["0.bias"])  # untouched, no noise
         assert torch.equal(dict(model.encoders[m].named_parameters())[weight].grad,
                            dict(again.encoders[m].named_parameters())[weight].grad)
 
@@ -172,6 +181,47 @@ def test_ogm_noise_stream_survives_a_checkpoint():
     restored = build_method("ogm_ge", ("audio", "visual", "fusion"), noise_seed=99)
     restored.load_state_dict(state)
     assert torch.equal(restored.gaussian_like(torch.zeros(5)), expected)
+
+
+def test_ogm_scores_come_from_the_concat_fusion_parts():
+    """With concat fusion the scores are each modality's share of the fusion logits (its block
+    of the weight plus half the bias), whatever the read-out heads say."""
+    model = tiny_model(fusion="concat")
+    method = build_method("ogm_ge", model.heads, alpha=0.3, generalization=False)
+    method.setup(model)
+    assert method.score_source == "fusion"
+    inputs, labels = tiny_batch()
+    backward_network_loss(model, method, inputs, labels)
+    method.after_backward(model, dominant_audio_logits(labels), labels)
+    weight, bias = model.fusion.classifier.weight, model.fusion.classifier.bias
+    with torch.no_grad():
+        scores = [torch.softmax(model.encoders[m](inputs[m]) @ w.t() + bias / 2, 1).gather(1, labels.view(-1, 1)).sum()
+                  for m, w in zip(("audio", "visual"), weight.split(FEATURES, dim=1))]
+    expected = (scores[0] / scores[1]).item()
+    read_out_ratio = expected_audio_coefficient(labels, 0.3)[1]
+    assert method.diagnostics()["discrepancy"][0].item() == pytest.approx(expected, rel=1e-5)
+    assert abs(expected - read_out_ratio) > 0.5
+
+
+def test_ogm_modulates_only_in_its_epochs():
+    model = tiny_model(fusion="bilinear")
+    method = build_method("ogm_ge", model.heads, alpha=0.3, generalization=True, noise_seed=1,
+                          modulation_epochs=(1, 1), steps_per_epoch=2)
+    method.setup(model)
+    inputs, labels = tiny_batch()
+    changed = []
+    for _ in range(6):  # epochs 0, 0, 1, 1, 2, 2
+        model.zero_grad(set_to_none=True)
+        backward_network_loss(model, method, inputs, labels)
+        before = grads(model.encoders["audio"])
+        method.after_backward(model, dominant_audio_logits(labels), labels)
+        after = grads(model.encoders["audio"])
+        changed.append(any(not torch.equal(before[n], after[n]) for n in before))
+    assert changed == [False, False, True, True, False, False]
+    state = copy.deepcopy(method.state_dict())
+    restored = build_method("ogm_ge", model.heads, modulation_epochs=(1, 1), steps_per_epoch=2)
+    restored.load_state_dict(state)
+    assert restored.steps == 6 and not restored.modulating()
 
 
 def test_ogm_coefficient_follows_the_paper():

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
 from torch.utils.data import DataLoader, RandomSampler
 
 from config import Config
@@ -48,32 +47,28 @@ def test_train_shards_rebuild_the_single_process_global_batches():
 
 
 # -- two ranks in-process --------------------------------------------------------------------------
-def ddp_worker(rank: int, store: str, out_dir: str) -> None:
+def ddp_part(rank: int, world: int, out_dir: Path) -> None:
+    """This file's share of the two-rank session (tests/ddp_session.py)."""
     from engines.methods import build_method
     from engines.trainer import fit, make_loaders
     from utils import distributed
     from utils.seed import seed_everything
 
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD)
-    try:
-        for method_name in METHODS:
-            cfg = Config(method=method_name, epochs=2, batch_size=16, heldout_batch_size=8, lr=1e-2,
-                         coef_lr=5e-2, seed=0, progress=False, plots=False, device="cpu")
-            seed_everything(cfg.seed)
-            data = vector_data()
-            model = VectorModel()
-            method = build_method(method_name, model.heads, reference_steps=3)
-            loaders = make_loaders(cfg, data, torch.device("cpu"), method.needs_heldout)
-            run_dir = Path(out_dir) / method_name
-            run_dir.mkdir(exist_ok=True)
-            fit(cfg, model, method, loaders, run_dir, torch.device("cpu"))
-            test_count = distributed.all_reduce_sum(evaluate(model, loaders.test, model.heads, StepContext(
-                device=torch.device("cpu"), network_optimizer=None, progress=False)).count)
-            torch.save({"model": model.state_dict(), "method": method.state_dict(), "test_count": test_count},
-                       Path(out_dir) / f"{method_name}-rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
+    for method_name in METHODS:
+        cfg = Config(method=method_name, epochs=2, batch_size=16, heldout_batch_size=8, lr=1e-2,
+                     coef_lr=5e-2, seed=0, progress=False, plots=False, device="cpu")
+        seed_everything(cfg.seed)
+        data = vector_data()
+        model = VectorModel()
+        method = build_method(method_name, model.heads, reference_steps=3)
+        loaders = make_loaders(cfg, data, torch.device("cpu"), method.needs_heldout)
+        run_dir = Path(out_dir) / method_name
+        run_dir.mkdir(exist_ok=True)
+        fit(cfg, model, method, loaders, run_dir, torch.device("cpu"))
+        test_count = distributed.all_reduce_sum(evaluate(model, loaders.test, model.heads, StepContext(
+            device=torch.device("cpu"), network_optimizer=None, progress=False)).count)
+        torch.save({"model": model.state_dict(), "method": method.state_dict(), "test_count": test_count},
+                   Path(out_dir) / f"{method_name}-rank{rank}.pt")
 
 
 def assert_identical(a, b, where):
@@ -100,10 +95,8 @@ def assert_same_metrics(logged: dict, computed: dict):
         assert logged[head]["loss"] == pytest.approx(values["loss"], rel=1e-5), head
 
 
-def test_two_ranks_keep_identical_coefficients_and_evaluate_like_one_process(tmp_path):
-    import torch.multiprocessing as mp
-
-    mp.spawn(ddp_worker, args=(str(tmp_path / "store"), str(tmp_path)), nprocs=WORLD, join=True)
+def test_two_ranks_keep_identical_coefficients_and_evaluate_like_one_process(ddp_session):
+    tmp_path = ddp_session / "trainer"
     for method_name in METHODS:
         ranks = [torch.load(tmp_path / f"{method_name}-rank{r}.pt", weights_only=True) for r in range(WORLD)]
         for part in ("model", "method"):
@@ -133,7 +126,7 @@ def tiny(tmp_path_factory):
 def test_torchrun_main_writes_once_and_matches_a_single_process_evaluation(tiny, tmp_path, monkeypatch):
     from config import build_parser, get_dataset_spec, resolve_config
     from datasets.builders import build_data
-    from models.late_fusion import LateFusionClassifier
+    from models.encoders import late_fusion_model
 
     root, cache = tiny
     out = tmp_path / "run"
@@ -149,7 +142,7 @@ def test_torchrun_main_writes_once_and_matches_a_single_process_evaluation(tiny,
     monkeypatch.setenv("OLM_CACHE", str(cache))
     cfg = resolve_config(build_parser("test").parse_args(flags))
     data = build_data(cfg, get_dataset_spec(cfg.dataset))
-    model = LateFusionClassifier(len(data.class_names), data.modalities, cfg.fusion)
+    model = late_fusion_model(cfg, len(data.class_names), data.modalities)  # as main.py builds it
     model.load_state_dict(torch.load(out / "last.pt", weights_only=True)["model"])
     ctx = StepContext(device=torch.device("cpu"), network_optimizer=None, progress=False)
     for split in ("val", "test"):

@@ -30,20 +30,82 @@ def test_every_training_sample_once_per_epoch_with_small_heldout_set():
     assert ctx.step == 14
 
 
-def test_heldout_pass_runs_in_eval_and_leaves_batchnorm_and_dropout_untouched():
+def trained_tiny_model():
+    """A TinyModel after a few training steps, so its running statistics are not the defaults."""
     torch.manual_seed(0)
     model = TinyModel()
-    model.train()
-    method = build_method("olm", model.heads)
-    batch = next(iter(loader(IndexedDataset(8), 8, False)))
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    losses = heldout_losses(model, method, batch, context(model, method))
-    assert model.forward_modes == [False]  # forwarded in eval mode
-    assert model.training and all(m.training for m in model.modules())  # restored
-    for key, value in model.state_dict().items():  # BatchNorm running stats untouched
-        assert torch.equal(value, before[key]), key
-    assert set(losses) == set(model.heads)
+    method = build_method("olm", model.heads, reference_steps=1)
+    train_one_epoch(model, method, loader(IndexedDataset(32), 8, True), cycle(loader(IndexedDataset(8), 8, True)),
+                    context(model, method), 1)
+    return model, method
+
+
+def buffer_bytes(model):
+    return {name: buffer.clone() for name, buffer in model.named_buffers()}
+
+
+def expected_losses(model, method, batch, norm):
+    """Per-head CE by hand: a copy in train mode with dropout off (batch), or in eval (running)."""
+    import copy
+
+    import torch.nn.functional as F
+
+    twin = copy.deepcopy(model)
+    twin.train(norm == "batch")
+    for module in twin.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.eval()
+    inputs, labels, _ = batch
+    with torch.no_grad():
+        scaled = method.scale(twin(inputs))
+    return {h: F.cross_entropy(scaled[h], labels) for h in method.heads}
+
+
+def test_heldout_batch_norm_measures_like_training_and_touches_no_buffer():
+    model, method = trained_tiny_model()
+    batch = next(iter(loader(IndexedDataset(8, seed=3), 8, False)))
+    before = buffer_bytes(model)
+    assert int(before["encoders.audio.1.num_batches_tracked"]) > 0
+    ctx = context(model, method)
+    assert ctx.heldout_norm == "batch"  # the default
+    losses = heldout_losses(model, method, batch, ctx)
+    after = buffer_bytes(model)
+    assert before.keys() == after.keys()
+    for name in before:  # running mean/var and num_batches_tracked: byte-identical
+        assert before[name].dtype == after[name].dtype and torch.equal(before[name], after[name]), name
+    assert model.training and all(m.training for m in model.modules())  # flags restored
+    assert all(m.track_running_stats for m in model.modules() if isinstance(m, torch.nn.BatchNorm1d))
     assert all(not v.requires_grad for v in losses.values())
+    # Equal to a train-mode forward (batch statistics) with dropout off; not to the eval forward.
+    batch_stats = expected_losses(model, method, batch, "batch")
+    running_stats = expected_losses(model, method, batch, "running")
+    for head in method.heads:
+        assert torch.allclose(losses[head], batch_stats[head], atol=1e-6), head
+    assert any(not torch.allclose(losses[h], running_stats[h], atol=1e-4) for h in method.heads)
+    # Twice the same batch: the same losses (no dropout, nothing updated in between).
+    again = heldout_losses(model, method, batch, ctx)
+    assert all(torch.equal(losses[h], again[h]) for h in method.heads)
+
+
+def test_heldout_running_norm_is_the_eval_forward_and_restores_eval_mode_too():
+    model, method = trained_tiny_model()
+    model.forward_modes.clear()
+    batch = next(iter(loader(IndexedDataset(8, seed=3), 8, False)))
+    before = buffer_bytes(model)
+    ctx = context(model, method)
+    ctx.heldout_norm = "running"
+    losses = heldout_losses(model, method, batch, ctx)
+    assert model.forward_modes == [False]  # forwarded in eval mode
+    expected = expected_losses(model, method, batch, "running")
+    assert all(torch.allclose(losses[h], expected[h], atol=1e-6) for h in method.heads)
+    assert all(torch.equal(before[k], v) for k, v in buffer_bytes(model).items())
+    assert model.training and all(m.training for m in model.modules())
+    # A model the caller had put in eval mode stays in eval mode, in either option.
+    model.eval()
+    for norm in ("batch", "running"):
+        ctx.heldout_norm = norm
+        heldout_losses(model, method, batch, ctx)
+        assert not any(m.training for m in model.modules()), norm
 
 
 def test_heldout_every_k_reuses_losses_between_passes():

@@ -71,14 +71,16 @@ def test_loader_reads_pool_test_sets_and_widths(mer_root):
     assert data.class_names == list(mer.MER_CLASSES)
     assert Counter(data.pool.labels) == {i: 5 for i in range(6)}
     features, label = data.pool[0]
+    valence = features.pop(mer.VALENCE_KEY)
     assert {m: f.shape[1] for m, f in features.items()} == DIMS
+    assert valence.item() == pytest.approx(data.pool.samples[0].valence) and data.pool.has_valence
     assert data.pool.samples[0].name.split("_")[1] == mer.MER_CLASSES[label]
 
 
 def test_two_modalities_load_only_their_folders(mer_root):
     data = load_feature_data(config(mer_root, modalities="visual,audio"), mer_root)
     assert data.modalities == ("visual", "audio")
-    assert set(data.pool[3][0]) == {"visual", "audio"}
+    assert set(data.pool[3][0]) == {"visual", "audio", mer.VALENCE_KEY}
 
 
 def test_collate_pads_per_batch_and_masks_real_steps(mer_root):
@@ -87,6 +89,7 @@ def test_collate_pads_per_batch_and_masks_real_steps(mer_root):
     batch = [data.pool[i] for i in range(4)] + [None]
     inputs, labels, skipped = collate_padded(batch)
     assert skipped == 1 and labels.tolist() == [data.pool[i][1] for i in range(4)]
+    assert inputs[mer.VALENCE_KEY].tolist() == pytest.approx([data.pool.samples[i].valence for i in range(4)], abs=1e-6)
     for modality in DIMS:
         real = [lengths[(data.pool.samples[i].name, modality)] for i in range(4)]
         assert inputs[modality].shape == (4, max(real), DIMS[modality])
@@ -247,3 +250,143 @@ def test_embedded_features_build_is_idempotent_and_loadable(tmp_path):
     (source / ".materialized.json").write_text(json.dumps({"format_version": 1, "params": {"seed": 1}}))
     convert(source, root)  # the source changed: rebuilt
     assert (root / MARKER_NAME).stat().st_mtime_ns != stamps[root / MARKER_NAME]
+
+
+# --- MER2023 metrics, per-split test folders, cross-validation resume ----------------------
+
+def add_test_split_in_its_own_folder(root: Path, split: str, with_valence: bool, seed=1) -> list[str]:
+    """A test set kept where the released config keeps it: <root>/features_<split>/<name>/."""
+    rng = np.random.default_rng(seed)
+    names, rows = [], []
+    for emotion in mer.MER_CLASSES:
+        name = f"{split}_{emotion}"
+        for modality, folder in FOLDERS.items():
+            (root / f"features_{split}" / folder).mkdir(parents=True, exist_ok=True)
+            np.save(root / f"features_{split}" / folder / f"{name}.npy",
+                    rng.normal(size=(3, DIMS[modality])).astype(np.float32))
+        rows.append([name, emotion, f"{rng.uniform(-1, 1):.3f}" if with_valence else "", split])
+        names.append(name)
+    with (root / "labels.csv").open("a", newline="") as handle:
+        csv.writer(handle).writerows(rows)
+    return names
+
+
+def test_test_sets_in_features_split_folders_are_found(mer_root):
+    names = add_test_split_in_its_own_folder(mer_root, "test2", with_valence=True)
+    add_test_split_in_its_own_folder(mer_root, "test3", with_valence=False, seed=2)
+    data = load_feature_data(config(mer_root), mer_root)
+    assert set(data.tests) == {"test1", "test2", "test3"}
+    assert [s.name for s in data.tests["test2"].samples] == names
+    assert data.tests["test2"].samples[0].paths["audio"].parent == mer_root / "features_test2" / "hubert"
+    assert data.tests["test1"].samples[0].paths["audio"].parent == mer_root / "features" / "hubert"
+    assert data.tests["test2"].has_valence and not data.tests["test3"].has_valence
+
+
+def test_mer2023_metrics_and_fold_ensemble_match_scikit_learn():
+    from sklearn.metrics import f1_score, mean_squared_error
+
+    from engines.mer_scoring import Predictions, ensemble, mer2023_scores
+
+    labels = np.array([0, 0, 1, 1, 2, 2, 2, 1])
+    folds = []
+    for seed in range(3):
+        rng = np.random.default_rng(seed)
+        folds.append(Predictions(names=[f"s{i}" for i in range(8)], labels=labels,
+                                 probabilities={"fusion": rng.dirichlet(np.ones(3), size=8),
+                                                "audio": rng.dirichlet(np.ones(3), size=8)},
+                                 valence_true=np.linspace(-1, 1, 8), valence_pred=rng.normal(size=8)))
+    one = mer2023_scores(folds[0], "test1")
+    pred = folds[0].probabilities["fusion"].argmax(axis=1)
+    wf1 = f1_score(labels, pred, average="weighted")
+    mse = mean_squared_error(folds[0].valence_true, folds[0].valence_pred)
+    assert wf1 != pytest.approx(f1_score(labels, pred, average="macro"))  # the fixture tells them apart
+    assert one["fusion"]["f1_weighted"] == pytest.approx(wf1)
+    assert one["fusion"]["valence_mse"] == pytest.approx(mse)
+    assert one["fusion"]["combined"] == pytest.approx(wf1 - 0.25 * mse)
+    assert one["fusion"]["mer2023"] == pytest.approx(wf1 - 0.25 * mse)
+    assert "valence_mse" not in one["audio"]
+    test3 = mer2023_scores(folds[0], "test3")  # MER2023 ranks test3 by weighted F1 alone
+    assert "combined" not in test3["fusion"] and test3["fusion"]["mer2023"] == pytest.approx(wf1)
+
+    shuffled = Predictions(names=folds[2].names[::-1], labels=labels[::-1],
+                           probabilities={h: p[::-1] for h, p in folds[2].probabilities.items()},
+                           valence_true=folds[2].valence_true[::-1], valence_pred=folds[2].valence_pred[::-1])
+    merged = ensemble([folds[0], folds[1], shuffled])  # aligned by sample name, not by row
+    mean_probs = np.mean([f.probabilities["fusion"] for f in folds], axis=0)
+    mean_valence = np.mean([f.valence_pred for f in folds], axis=0)
+    scores = mer2023_scores(merged, "test2")
+    expected_f1 = f1_score(labels, mean_probs.argmax(axis=1), average="weighted")
+    assert scores["fusion"]["f1_weighted"] == pytest.approx(expected_f1)
+    assert scores["fusion"]["valence_mse"] == pytest.approx(mean_squared_error(folds[0].valence_true, mean_valence))
+
+
+TINY_RUN = ["--dataset", "MERMULTI", "--modalities", "audio,visual", "--audio-feature", "hubert",
+            "--visual-feature", "manet", "--feature-dim", "0", "--model-type", "mbt", "--d-model", "8",
+            "--num-layers", "1", "--num-heads", "2", "--num-bottleneck", "2", "--dim-feedforward", "8",
+            "--epochs", "4", "--folds", "2", "--batch-size", "4", "--method", "olm", "--device", "cpu",
+            "--cpu-threads", "1", "--no-progress", "--no-plots"]
+
+
+def comparable(cv: dict) -> dict:
+    """cv_results.json without wall times and folder names."""
+    drop = {"seconds", "run_dir"}
+    if isinstance(cv, dict):
+        return {k: comparable(v) for k, v in cv.items() if k not in drop}
+    if isinstance(cv, list):
+        return [comparable(v) for v in cv]
+    return cv
+
+
+def test_killed_cross_validation_resumes_to_the_uninterrupted_result(mer_root, tmp_path):
+    import os
+    import signal
+    import sys
+    import time
+
+    from main_trans import main
+
+    add_test_split_in_its_own_folder(mer_root, "test2", with_valence=True)
+    run = TINY_RUN + ["--data-root", str(mer_root)]
+    main(run + ["--out", str(tmp_path / "whole")])
+    whole = json.loads((tmp_path / "whole" / "cv_results.json").read_text())
+    assert set(whole["ensemble"]) == {"test1", "test2"}
+    assert "combined" in whole["ensemble"]["test2"]["fusion"] and "valence_mse" in whole["summary"]["test1"]["fusion"]
+
+    killed = tmp_path / "killed"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    child = subprocess.Popen([sys.executable, str(REPO / "main_trans.py"), *run, "--out", str(killed)],
+                             cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    checkpoint = killed / "fold1" / "last.pt"
+    deadline = time.time() + 120
+    while not checkpoint.is_file() and child.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    assert child.poll() is None, child.stderr.read().decode()[-2000:]  # still inside fold 1
+    child.send_signal(signal.SIGKILL)
+    child.wait()
+    child.stderr.close()
+    assert not (killed / "fold1" / "results.json").exists() and not (killed / "cv_results.json").exists()
+    first_epoch = (killed / "fold1" / "metrics.jsonl").read_text().splitlines()[0]
+
+    # Resuming names the folder only: the saved options (MBT, tiny widths, 4 epochs) come back.
+    with pytest.raises(UserError, match=r"--model-type 'emt' \(saved: 'mbt'\)"):
+        main(["--resume", str(killed), "--model-type", "emt"])
+    main(["--resume", str(killed), "--no-progress", "--no-plots"])
+    resumed = json.loads((killed / "cv_results.json").read_text())
+    assert resumed["model_type"] == "mbt"
+    # Continued from last.pt, not retrained: epoch 1's row (with its wall time) is the killed run's.
+    assert (killed / "fold1" / "metrics.jsonl").read_text().splitlines()[0] == first_epoch
+    assert comparable(resumed) == comparable(whole)
+
+
+def test_mer_multi_defaults_are_the_released_recipe_and_live_in_the_registry():
+    from config import get_dataset_spec
+    from main_trans import parse_config
+
+    cfg = parse_config(["--dataset", "MERMULTI"])
+    assert (cfg.batch_size, cfg.heldout_batch_size, cfg.epochs, cfg.folds) == (2, 2, 10, 5)
+    assert (cfg.d_model, cfg.num_layers, cfg.num_heads, cfg.num_bottleneck, cfg.dim_feedforward) == (768, 3, 8, 12, 0)
+    assert (cfg.lr, cfg.weight_decay, cfg.coef_lr, cfg.coef_weight_decay) == (1e-4, 2e-4, 1e-4, 2e-4)
+    assert cfg.modalities == "audio,visual" and cfg.selection_metric == "f1_weighted"
+    for name in ("MERMULTI", "AVDigitsFeatures"):  # where --help reads them from
+        defaults = get_dataset_spec(name).defaults
+        assert {"batch_size", "d_model", "dim_feedforward", "selection_metric", "modalities"} <= set(defaults)

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from models.fusion import FUSIONS
+from models.fusion import FUSIONS, build_fusion, modality_parts
 from models.late_fusion import LateFusionClassifier
 
 
@@ -46,3 +46,39 @@ def test_detached_unimodal_heads_do_not_train_encoders():
 def test_bilinear_needs_two_modalities_and_unknown_fusion_fails():
     with pytest.raises(ValueError, match="unknown fusion"):
         LateFusionClassifier(num_classes=4, fusion="nope")
+
+
+def parameters(module):
+    return sum(p.numel() for p in module.parameters())
+
+
+def test_bilinear_is_the_released_head():
+    """Two Linear(512, 512) projections, their elementwise product, Linear(512, classes)."""
+    for classes in (6, 309):
+        head = build_fusion("bilinear", [512, 512], classes)
+        assert parameters(head) == 2 * (512 * 512 + 512) + 512 * classes + classes
+    head = build_fusion("bilinear", [8, 8], 3)
+    x, y = torch.randn(4, 8), torch.randn(4, 8)
+    first, second = head.projections
+    expected = head.classifier(first(x) * second(y))
+    assert torch.allclose(head([x, y]), expected)
+    # The full bilinear form is another, much larger head, kept under its own name.
+    assert parameters(build_fusion("bilinear_full", [512, 512], 309)) == 512 * 512 * 309 + 309
+    with pytest.raises(ValueError, match="two modalities"):
+        build_fusion("bilinear", [8, 8, 8], 3)
+
+
+@pytest.mark.parametrize("fusion", ["sum", "concat"])
+def test_modality_parts_add_up_to_the_fusion_logits(fusion):
+    head = build_fusion(fusion, [5, 7], 3)
+    features = [torch.randn(4, 5), torch.randn(4, 7)]
+    parts = modality_parts(head, features)
+    assert len(parts) == 2 and torch.allclose(parts[0] + parts[1], head(features), atol=1e-6)
+    if fusion == "concat":  # the first modality's block of the weight plus half the bias
+        weight, bias = head.classifier.weight, head.classifier.bias
+        assert torch.allclose(parts[0], features[0] @ weight[:, :5].t() + bias / 2, atol=1e-6)
+
+
+@pytest.mark.parametrize("fusion", ["film", "gated", "attention", "bilinear", "bilinear_full"])
+def test_heads_that_mix_modalities_have_no_parts(fusion):
+    assert modality_parts(build_fusion(fusion, [8, 8], 3), [torch.randn(2, 8), torch.randn(2, 8)]) is None

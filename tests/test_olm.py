@@ -156,3 +156,67 @@ def test_invalid_arguments():
         LogitModulator(HEADS, target_scale="nope")
     with pytest.raises(ValueError, match="heldout"):
         LogitModulator(HEADS, target="rate").norm_loss(LOGITS, losses(1.0, 1.0, 1.0))
+
+
+def test_reference_tail_averages_only_the_windows_last_calls():
+    # Window of 4 calls, tail 2: only calls 3 and 4 make the reference.
+    mod = LogitModulator(HEADS, target="rate", reference_steps=4, reference_tail=2)
+    for value in (9.0, 7.0, 2.0, 1.0):
+        mod.norm_loss(LOGITS, losses(value, value, value), losses(value + 1, value + 1, value + 1))
+        assert mod.last["ratios"].tolist() == pytest.approx([1 / 3] * 3)  # uniform while collecting
+    assert not mod.collecting_reference
+    assert mod.reference_train.tolist() == pytest.approx([1.5, 1.5, 1.5])
+    assert mod.reference_heldout.tolist() == pytest.approx([2.5, 2.5, 2.5])
+
+
+def test_reference_tail_of_one_is_the_released_last_batch():
+    mod = LogitModulator(HEADS, target="rate", reference_steps=3, reference_tail=1)
+    for value in (5.0, 4.0, 3.0):
+        mod.norm_loss(LOGITS, losses(value, 2 * value, 1.0), losses(1.0, 1.0, value))
+    assert mod.reference_train.tolist() == pytest.approx([3.0, 6.0, 1.0])
+    assert mod.reference_heldout.tolist() == pytest.approx([1.0, 1.0, 3.0])
+    # A tail longer than the window is the whole window.
+    assert LogitModulator(HEADS, reference_steps=3, reference_tail=10).reference_tail == 3
+    with pytest.raises(ValueError, match="reference_tail"):
+        LogitModulator(HEADS, reference_steps=3, reference_tail=0)
+
+
+def test_saturated_head_names_the_head_that_took_the_mass():
+    mod = LogitModulator(HEADS, target="rate")
+    mod.norm_loss(LOGITS, losses(2.0, 2.0, 2.0), losses(2.0, 2.0, 2.0))
+    # Head 1 (visual here): held-out improves as fast as train, C <= 0 -> clamped -> one-hot.
+    mod.norm_loss(LOGITS, losses(1.9, 1.0, 1.9), losses(1.95, 1.0, 1.95))
+    assert float(mod.last["saturated"]) == 1.0
+    assert mod.last["saturated_head"].tolist() == [0.0, 1.0, 0.0]
+    mod.norm_loss(LOGITS, losses(1.8, 1.8, 1.8), losses(1.9, 1.9, 1.9))  # equal gains: uniform
+    assert float(mod.last["saturated"]) == 0.0 and mod.last["saturated_head"].tolist() == [0.0, 0.0, 0.0]
+
+
+def test_heldout_forward_rejects_an_unknown_norm():
+    from engines.olm import heldout_forward
+
+    with pytest.raises(ValueError, match="norm"):
+        with heldout_forward(torch.nn.Linear(2, 2), "nope"):
+            pass
+
+
+def test_config_reference_tail_is_a_share_of_the_first_epoch():
+    import dataclasses
+
+    from config import Config
+    from engines.methods import method_from_config
+
+    cfg = Config(method="olm", batch_size=16, reference_steps=0, reference_tail=0.25)
+    modulator = method_from_config(cfg, HEADS, train_size=1257).modulator
+    assert (modulator.reference_steps, modulator.reference_tail) == (79, 20)  # ceil(1257/16), ceil(79/4)
+    whole = method_from_config(dataclasses.replace(cfg, reference_tail=1.0), HEADS, 1257).modulator
+    assert whole.reference_tail == whole.reference_steps == 79
+
+
+def test_config_rejects_a_reference_tail_outside_zero_one():
+    from config import Config, validate
+    from utils.errors import UserError
+
+    for bad in (0.0, 1.5):
+        with pytest.raises(UserError, match="--reference-tail"):
+            validate(Config(reference_tail=bad))

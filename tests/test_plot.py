@@ -50,9 +50,11 @@ def write_run(folder, method, seed, test_acc, norms_by_epoch, best_epoch, select
     return folder
 
 
-def olm_diagnostics(saturated):
-    return {"ratios": {"audio": 0.2, "visual": 0.5, "fusion": 0.3}, "G": {"audio": 0.1, "visual": 0.3, "fusion": 0.2},
+def olm_diagnostics(saturated, ratios=(0.2, 0.5, 0.3)):
+    """One epoch's OLM diagnostics; a saturated share goes to the visual head."""
+    return {"ratios": dict(zip(HEADS, ratios)), "G": {"audio": 0.1, "visual": 0.3, "fusion": 0.2},
             "C": {"audio": 0.4, "visual": 0.1, "fusion": 0.2}, "saturated": saturated,
+            "saturated_head": {"audio": 0.0, "visual": saturated, "fusion": 0.0},
             "targets_mean": {h: 1.0 for h in HEADS}, "norms_mean": {h: 2.0 for h in HEADS}}
 
 
@@ -110,7 +112,7 @@ def comparison(tmp_path):
     write_run(root / "joint-s0", "joint", 0, {"audio": 0.50, "visual": 0.20, "fusion": 0.70}, NORMS, 2)
     write_run(root / "joint-s1", "joint", 1, {"audio": 0.54, "visual": 0.30, "fusion": 0.80}, NORMS, 1)
     write_run(root / "olm-s0", "olm", 0, {"audio": 0.55, "visual": 0.45, "fusion": 0.85}, NORMS, 2,
-              olm=[olm_diagnostics(0.0), olm_diagnostics(1.0)])
+              olm=[olm_diagnostics(0.0, (1 / 3, 1 / 3, 1 / 3)), olm_diagnostics(0.5)])
     (root / "olm-s1").mkdir()  # started, never finished
     (root / "olm-s1" / "config.yaml").write_text("method: olm\n")
     return root
@@ -146,8 +148,12 @@ def test_compare_norm_ratio_comes_from_the_best_epoch(comparison):
 def test_compare_reports_the_olm_regime_and_unfinished_runs(comparison):
     summary = compare.summarize(comparison)
     regime = summary["methods"]["olm"]["regime"]
+    # Epoch 1 is the reference epoch (uniform ratios by construction): the regime is epoch 2's.
     assert regime["saturated"] == pytest.approx(0.5)
+    assert regime["mass"] == pytest.approx({"audio": 0.2, "visual": 0.5, "fusion": 0.3})
+    assert regime["saturated_head"] == pytest.approx({"audio": 0.0, "visual": 0.5, "fusion": 0.0})
     assert regime["G"]["visual"] == pytest.approx(0.3) and regime["C"]["audio"] == pytest.approx(0.4)
+    assert regime["coefficients"]["fusion"] == pytest.approx(1.2)  # results.json's final w
     assert summary["methods"]["joint"]["regime"] is None
     assert [Path(p).name for p in summary["unfinished"]] == ["olm-s1"]
     assert summary["protocol_differences"] == {}
@@ -157,9 +163,34 @@ def test_compare_cli_writes_markdown_and_figure(comparison):
     compare.main([str(comparison)])
     text = (comparison / "compare.md").read_text()
     assert "| joint | 2 |" in text and "75.0 ± 7.1" in text and "+10.0" in text
-    assert "saturated steps" in text and "| olm | 50% |" in text
+    assert text.startswith("_Written by")  # provenance header, for the README's generated blocks
+    assert "saturated steps" in text and "| olm | 1 | 50% ± 0 | audio 0.20 ± 0.00, visual 0.50" in text
     assert "Skipped 1 unfinished" in text
     assert_png(comparison / "compare.png")
+
+
+def test_compare_groups_a_variant_under_its_own_label_and_gaps_against_own_heads(tmp_path):
+    root = tmp_path / "compare-AVDigits"
+    for seed, fusion in ((0, 0.80), (1, 0.90)):
+        write_run(root / f"olm-s{seed}", "olm", seed, {"audio": 0.70, "visual": 0.40, "fusion": fusion}, NORMS, 2,
+                  config_extra={"heldout_norm": "batch"})
+        write_run(root / f"olm-running-s{seed}", "olm", seed, {"audio": 0.75, "visual": 0.30, "fusion": 0.85},
+                  NORMS, 2, config_extra={"heldout_norm": "running"})
+    write_run(root / "my-joint-run", "joint", 0, {"audio": 0.7, "visual": 0.3, "fusion": 0.8}, NORMS, 2)
+    summary = compare.summarize(root)
+    assert list(summary["methods"]) == ["joint", "olm", "olm-running"]
+    assert summary["protocol_differences"] == {}  # heldout_norm may differ between the two labels
+    # No audio_only/visual_only: each run's fusion minus its best unimodal head.
+    assert summary["methods"]["olm"]["gap_values"] == pytest.approx([0.10, 0.20])
+    assert summary["methods"]["olm-running"]["gap_values"] == pytest.approx([0.10, 0.10])
+    text = compare.render_markdown(summary)
+    assert "| olm-running | 2 |" in text and "+15.0 ± 7.1" in text and "same model" in text
+
+
+def test_compare_cli_also_writes_a_report_copy(comparison, tmp_path):
+    compare.main([str(comparison), "--no-figure", "--report", str(tmp_path / "docs" / "compare.md")])
+    copy = (tmp_path / "docs" / "compare.md").read_text()
+    assert copy.startswith("_Written by") and "| joint | 2 |" in copy
 
 
 def test_compare_warns_when_the_protocol_differs(comparison):
@@ -221,8 +252,60 @@ def test_compare_script_runs_each_method_and_seed_then_resumes(tmp_path):
     assert len(trainings) == 1 and f"--resume {root}/joint-s1" in trainings[0]
 
 
+def test_compare_script_runs_a_variant_under_its_label(tmp_path):
+    result, calls = run_script(tmp_path, "cpu", "AVDigits", "1", "--epochs", "1",
+                               methods="olm olm:--heldout-norm=running whole=olm:--reference-tail=1")
+    assert result.returncode == 0, result.stderr
+    root = tmp_path / "runs" / "compare-AVDigits"
+    trainings = [c for c in calls if c.startswith("main.py")]
+    assert len(trainings) == 3
+    assert trainings[0].endswith(f"--out {root}/olm-s0 --device cpu --epochs 1")
+    assert "--method olm " in trainings[1] and trainings[1].endswith(
+        f"--out {root}/olm-running-s0 --device cpu --epochs 1 --heldout-norm=running")
+    assert trainings[2].endswith(f"--out {root}/whole-s0 --device cpu --epochs 1 --reference-tail=1")
+
+
 def test_compare_script_rejects_bad_arguments(tmp_path):
     result, calls = run_script(tmp_path, "gpu0")
     assert result.returncode == 2 and "GPU must be" in result.stderr and not calls
     result, _ = run_script(tmp_path, "cpu", "AVDigits", "zero")
     assert result.returncode == 2 and "SEEDS must be" in result.stderr
+
+
+# -- utils/report.py ---------------------------------------------------------------------
+def test_summary_table_shows_each_heads_target_ratio_and_saturated_share(tmp_path):
+    from utils.report import summary_table
+
+    olm = [olm_diagnostics(0.0, (1 / 3, 1 / 3, 1 / 3)), olm_diagnostics(0.5), olm_diagnostics(0.0, (0.4, 0.4, 0.2))]
+    run = write_run(tmp_path / "olm-s0", "olm", 0, {"audio": 0.8, "visual": 0.4, "fusion": 0.9}, NORMS + NORMS[:1], 2,
+                    olm=olm)
+    results = json.loads((run / "results.json").read_text())
+    results.update(seconds=12.0, coefficients={"audio": 0.9, "visual": 1.1, "fusion": 1.0}, run_dir=str(run))
+    lines = summary_table(results).splitlines()
+    assert lines[1].split() == ["head", "val", "acc", "test", "acc", "test", "F1", "coef", "ratio", "saturated"]
+    # Epochs 2-3 (epoch 1 is the reference window): visual ratio (0.5 + 0.4) / 2, saturated 0.5 / 2.
+    visual = next(line for line in lines if line.startswith("visual")).split()
+    assert visual[4:] == ["1.100", "0.450", "25%"]
+    assert next(line for line in lines if line.startswith("audio")).split()[-1] == "0%"
+    assert "25% of steps in all, epochs 2-3" in lines[-1]
+    # Without OLM diagnostics (joint) the table keeps its short form.
+    joint = write_run(tmp_path / "joint-s0", "joint", 0, {h: 0.5 for h in HEADS}, NORMS, 2)
+    results = {**json.loads((joint / "results.json").read_text()), "seconds": 3.0, "run_dir": str(joint)}
+    assert summary_table(results).splitlines()[1].split()[-1] == "coef"
+
+
+def test_diagnostics_figure_has_a_target_mass_panel(tmp_path):
+    run = write_run(tmp_path / "olm-s0", "olm", 0, {h: 0.5 for h in HEADS}, NORMS, 2,
+                    olm=[olm_diagnostics(0.0, (1 / 3, 1 / 3, 1 / 3)), olm_diagnostics(0.5)])
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(len(plot.PANEL_TITLES), 1)
+    plot.draw_run(axes, plot.read_rows(run), "olm")
+    mass = axes[-1]
+    assert "target mass" in mass.get_title()
+    assert [c.get_label() for c in mass.collections] == ["audio mass", "visual mass", "fusion mass"]
+    saturated = {line.get_label(): list(line.get_ydata()) for line in mass.get_lines()}
+    assert saturated["saturated on visual"] == [0.0, 0.5]
+    plt.close(figure)

@@ -9,8 +9,8 @@ import pytest
 
 from tests.media_fixtures import (frame_index_of, read_wav_format, write_corrupt_video,
                                   write_video, write_video_with_audio, write_wav)
-from utils.media import MediaError, choose_method, extract_frames, temp_sibling
-from utils.preprocess import ave_clip, first_field, vggsound_clip
+from datasets.media import MediaError, choose_method, extract_frames, temp_sibling
+from datasets.preprocess import ave_clip, first_field, vggsound_clip
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SIZE = (64, 48)
@@ -59,7 +59,8 @@ def test_ave_frames_are_complete_ordered_logged_and_resumable(mp4_dataset, tmp_p
     assert frame_indices(frames / "loud_a") == [0, 25, 50]  # first frame of each second
     assert frame_indices(frames / "loud_b") == [0, 30]
     assert frame_indices(frames / "long_gop") == [0, 25, 50]
-    assert [p.name for p in sorted((frames / "silent").iterdir())] == ["00000.jpg", "00001.jpg"]
+    # Named after the source frame, as the released scripts named them.
+    assert [p.name for p in sorted((frames / "silent").iterdir())] == ["00000.jpg", "00025.jpg"]
 
     log = root / "video_preprocessing_failures.log"
     assert str(log) in first.stdout
@@ -185,7 +186,8 @@ def test_every_method_keeps_the_same_exact_frames(codec, suffix, expected_auto, 
             out = tmp_path / f"{method}_{fps}"
             count = extract_frames(video, out, fps=fps, method=method)
             assert count == 4 * fps
-            expected = [int(k * 25 / fps + 1e-6) for k in range(4 * fps)]
+            # Released rounding: second s keeps s*25 + j*int(25/fps), j < fps.
+            expected = [s * 25 + j * (25 // fps) for s in range(4) for j in range(fps)]
             assert frame_indices(out) == expected, (method, fps)
 
 
@@ -201,7 +203,7 @@ def test_failed_extraction_leaves_no_folder_and_stale_partial_is_replaced(tmp_pa
     stale.mkdir(parents=True)
     (stale / "99999.jpg").write_bytes(b"left by a killed run")
     extract_frames(video, tmp_path / "frames" / "ok", fps=1)
-    assert sorted(os.listdir(tmp_path / "frames" / "ok")) == ["00000.jpg", "00001.jpg"]
+    assert sorted(os.listdir(tmp_path / "frames" / "ok")) == ["00000.jpg", "00025.jpg"]
     assert not stale.exists()
 
 
@@ -211,3 +213,48 @@ def test_split_line_parsers():
     assert ave_clip("Category&VideoID&Quality&StartTime&EndTime") is None
     assert vggsound_clip('---g-f_I2yQ,1,"people marching, chanting",test') == "---g-f_I2yQ_000001"
     assert vggsound_clip("# YouTube ID,start seconds,label,split") is None
+
+
+def test_non_integer_frame_rate_is_truncated_as_released():
+    from datasets.media import kept_frame_index
+    assert [kept_frame_index(k, 29.97, 1) for k in range(4)] == [0, 29, 58, 87]
+    assert [kept_frame_index(k, 30.0, 2) for k in range(4)] == [0, 15, 30, 45]
+
+
+def test_videos_are_found_under_root_without_video_dir(tmp_path):
+    root = tmp_path / "AVE_Dataset"
+    write_video(root / "AVE" / "clipA.mp4", seconds=2, fps=25, size=SIZE)
+    result = run_script("data/AVE/video_preprocessing.py", "--workers", "1", "--root", root, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "1 done" in summary_line(result) and (root / "Image-01-FPS" / "clipA").is_dir()
+    ks = tmp_path / "k31"  # no usual folder: the whole root is searched, its outputs are not
+    write_video(ks / "somewhere" / "clipB.mp4", seconds=2, fps=25, size=SIZE)
+    result = run_script("data/KineticSound/video_preprocessing.py", "--workers", "1", "--root", ks, cwd=tmp_path)
+    assert "1 done" in summary_line(result) and (ks / "Image-01-FPS" / "clipB").is_dir()
+
+
+def test_ffmpeg_timeout_is_logged_per_clip(tmp_path):
+    videos = tmp_path / "raw"
+    write_video_with_audio(videos / "slow.mp4", seconds=2, fps=25, size=SIZE)
+    root = tmp_path / "out"
+    result = run_script("data/AVE/mp4_to_wav.py", "--video-dir", videos, "--workers", "1",
+                        "--timeout", "0.001", "--root", root, cwd=tmp_path)
+    assert "0 done, 0 already there, 1 failed" in summary_line(result)
+    assert "timed out after 0.001 s" in (root / "mp4_to_wav_failures.log").read_text()
+
+
+def test_workers_default_follows_cpu_affinity(tmp_path):
+    result = run_script("data/AVE/mp4_to_wav.py", "--help", cwd=tmp_path)
+    assert f"here {len(os.sched_getaffinity(0))})" in " ".join(result.stdout.split())
+
+
+def test_root_under_a_file_is_one_sentence(tmp_path):
+    videos = tmp_path / "raw"
+    write_video(videos / "a.mp4", seconds=1, fps=25, size=SIZE)
+    blocker = tmp_path / "file.txt"
+    blocker.write_text("not a folder")
+    for root in (blocker, blocker / "sub"):
+        result = run_script("data/AVE/video_preprocessing.py", "--video-dir", videos, "--root", root,
+                            cwd=tmp_path)
+        assert result.returncode != 0 and "Traceback" not in result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1 and "--root" in result.stderr

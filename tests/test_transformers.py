@@ -222,3 +222,90 @@ def test_mbt_overfits_a_tiny_batch():
         optimizer.step()
         losses.append(loss.item())
     assert losses[-1] < 0.3 * losses[0]
+
+
+# --- what each head reads, released sizes, valence ---------------------------------------
+
+from engines.methods import build_method  # noqa: E402
+from models.transformers.head_dependence import (  # noqa: E402
+    input_gradient_norms, own_over_other, random_inputs)
+from models.transformers.released import (  # noqa: E402
+    RELEASED_FEEDFORWARD, RELEASED_PARAMETERS, RELEASED_SETUP)
+from utils.errors import UserError  # noqa: E402
+
+
+@pytest.mark.parametrize("num_modalities", [2, 3])
+@pytest.mark.parametrize("num_layers", [1, 2, 3])
+def test_emt_heads_read_only_their_own_modality(num_layers, num_modalities):
+    modalities, dims = MODALITY_SETS[num_modalities]
+    torch.manual_seed(num_layers)
+    model = build_transformer("emt", modalities, dims, NUM_CLASSES, d_model=32,
+                              num_layers=num_layers, num_heads=4, num_bottleneck=3)
+    norms = input_gradient_norms(model, random_inputs(model, seed=num_layers))
+    for head, by_input in norms.items():
+        assert by_input[head] > 0
+        assert all(value == 0.0 for m, value in by_input.items() if m != head), (head, by_input)
+
+
+@pytest.mark.parametrize("num_modalities", [2, 3])
+@pytest.mark.parametrize("num_layers", [1, 2, 3])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_ca_heads_depend_on_their_own_modality_most(num_layers, num_modalities, seed):
+    # Before the fix a CA stream attended only to the others: with one layer the audio head
+    # had zero gradient from the audio input.
+    modalities, dims = MODALITY_SETS[num_modalities]
+    torch.manual_seed(seed)
+    model = build_transformer("ca", modalities, dims, NUM_CLASSES, d_model=32,
+                              num_layers=num_layers, num_heads=4)
+    ratios = own_over_other(input_gradient_norms(model, random_inputs(model, seed=seed)))
+    assert all(ratio > 1.0 for ratio in ratios.values()), ratios
+
+
+def test_only_emt_declares_unimodal_heads_and_unimodal_baselines_follow():
+    heads = ("audio", "visual", "fusion")
+    for model_type in MODEL_TYPES:
+        model = build_transformer(model_type, ("audio", "visual"), 8, 2, d_model=16, num_layers=1,
+                                  num_heads=2, num_bottleneck=2)
+        assert model.UNIMODAL_HEADS == (model_type == "emt")
+        for method in ("audio_only", "visual_only"):
+            if model_type == "emt":
+                build_method(method, heads).setup(model)
+            else:
+                with pytest.raises(UserError, match="--model-type emt") as caught:
+                    build_method(method, heads).setup(model)
+                assert str(caught.value).count(". ") == 0  # one sentence
+
+
+@pytest.mark.parametrize("model_type", MODEL_TYPES)
+def test_released_sizes_give_the_released_parameter_count(model_type):
+    setup = RELEASED_SETUP
+    model = build_transformer(model_type, setup["modalities"], setup["input_dim"], setup["num_classes"],
+                              d_model=setup["d_model"], num_layers=setup["num_layers"],
+                              num_heads=setup["num_heads"], num_bottleneck=setup["num_bottleneck"])
+    assert model.dim_feedforward == RELEASED_FEEDFORWARD[model_type]
+    count = sum(p.numel() for p in model.parameters())
+    assert abs(count - RELEASED_PARAMETERS[model_type]) < 0.002 * RELEASED_PARAMETERS[model_type]
+
+
+def test_dim_feedforward_overrides_the_released_width():
+    wide = build_transformer("mbt", ("audio", "visual"), 8, 2, d_model=16, num_heads=2, dim_feedforward=40)
+    assert wide.dim_feedforward == 40
+    assert {m.expand.out_features for m in wide.modules() if type(m).__name__ == "FeedForward"} == {40}
+    assert build_transformer("emt", ("audio", "visual"), 8, 2, d_model=48, num_heads=2).dim_feedforward == 64
+
+
+def test_valence_regressor_trains_on_known_targets_only():
+    torch.manual_seed(0)
+    model = build_transformer("ca", ("audio", "visual"), {"audio": 16, "visual": 12}, NUM_CLASSES,
+                              d_model=32, num_layers=1, num_heads=4, predict_valence=True).eval()
+    batch = random_batch(model)
+    batch["valence"] = torch.tensor([0.5, float("nan"), -1.0])
+    outputs = model(batch)
+    assert outputs["valence"].shape == (BATCH,)
+    known = torch.tensor([True, False, True])
+    expected = ((outputs["valence"][known] - batch["valence"][known]) ** 2).mean()
+    torch.testing.assert_close(outputs["auxiliary_loss"], expected)
+    outputs["auxiliary_loss"].backward()
+    assert model.valence_head.linear.weight.grad.abs().sum() > 0
+    assert "valence" not in build_transformer("ca", ("audio", "visual"), 8, 2, d_model=16, num_heads=2)(
+        {"audio": torch.randn(2, 3, 8), "visual": torch.randn(2, 3, 8)})

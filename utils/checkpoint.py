@@ -1,7 +1,10 @@
 """Checkpoint files: written atomically, loadable with ``torch.load(weights_only=True)``.
 
 A checkpoint holds only tensors, numbers, strings and containers of them (no pickled
-objects), so loading one never runs code from the file.
+objects), so loading one never runs code from the file. Two kinds: ``last.pt`` carries the
+whole training state (resume); ``best.pt`` only what evaluation and inference need (weights,
+options, classes, epoch and metrics), about a third of last.pt's size under Adam.
+``--keep-checkpoints`` says which of them a finished run keeps.
 """
 from __future__ import annotations
 
@@ -51,6 +54,33 @@ def load_checkpoint(path: Path, map_location="cpu", mmap: bool = False) -> dict:
     if not isinstance(payload, dict) or "model" not in payload:
         raise UserError(f"checkpoint {path} is not a checkpoint of this project (no model state)")
     return payload
+
+
+INFERENCE_KIND = "inference"  # best.pt's "kind"; last.pt has none
+
+
+def load_training_checkpoint(path: Path) -> dict:
+    """A checkpoint that can be resumed from; best.pt (weights only) is refused by name."""
+    payload = load_checkpoint(path)
+    if payload.get("kind") == INFERENCE_KIND or "optimizers" not in payload:
+        raise UserError(f"--resume {path} holds weights only (an inference checkpoint, like best.pt); "
+                        "resume from the run folder or its last.pt")
+    return payload
+
+
+def prune_checkpoints(run_dir: Path, keep: str) -> list[Path]:
+    """Remove what ``--keep-checkpoints`` does not keep once a run has finished; returns
+    the removed files. (last.pt is written during training whatever the choice.)"""
+    wanted = {"all": ("best.pt", "last.pt"), "last": ("last.pt",), "best": ("best.pt",), "none": ()}
+    if keep not in wanted:
+        raise UserError(f"--keep-checkpoints {keep!r} is not one of: {', '.join(wanted)}")
+    removed = []
+    for name in ("best.pt", "last.pt"):
+        path = Path(run_dir) / name
+        if name not in wanted[keep] and path.is_file():
+            path.unlink()
+            removed.append(path)
+    return removed
 
 
 def resume_path(resume: str) -> Path:

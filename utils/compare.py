@@ -3,30 +3,39 @@
     python -m utils.compare runs/compare-AVDigits
 
 Reads every ``<run>/results.json`` (the best-on-val epoch and its test numbers) and the
-matching row of ``<run>/metrics.jsonl``; groups runs by method; reports mean ± sample std
-over seeds. See docs/comparison.md for what each column means.
+matching row of ``<run>/metrics.jsonl``; groups runs by method, or by the variant label a
+folder ``<label>-s<seed>`` gives (scripts/compare.sh names ``olm:--heldout-norm=running``
+runs ``olm-running-s<seed>``); reports mean ± sample std over seeds. compare.md is written
+with a provenance header (utils/provenance.py); ``--report PATH`` writes a copy for the docs.
+See docs/comparison.md for what each column means.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import math
+import re
+import shlex
 import statistics
+import sys
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from utils.errors import UserError
 from utils.plot import read_rows
+from utils.report import regime
 
 # Display order; methods not listed follow alphabetically.
-METHOD_ORDER = ("audio_only", "visual_only", "joint", "fusion_only", "ogm_ge", "olm", "olm_loss_ratio", "olm_mean")
+METHOD_ORDER = ("audio_only", "visual_only", "joint", "fusion_only", "ogm_ge", "olm", "olm_loss_ratio", "olm_mean",
+                "g_blending", "pmr", "agm", "mmpareto", "mla")
 # Config keys that may differ between runs of one fair comparison.
 PER_RUN_KEYS = {"method", "seed", "out", "resume", "device", "progress", "plots", "workers", "data_root"}
 # Options only some methods read (OLM's held-out pass and coefficients, OGM-GE's alpha): they
 # must agree among runs of one method, not across methods that ignore them.
-METHOD_KEYS = {"heldout_every", "heldout_batch_size", "reference_steps", "target_scale",
-               "coef_lr", "coef_weight_decay", "ogm_alpha"}
+METHOD_KEYS = {"heldout_every", "heldout_batch_size", "heldout_norm", "reference_steps", "reference_tail",
+               "target_scale", "coef_lr", "coef_weight_decay", "ogm_alpha"}
+RUN_FOLDER = re.compile(r"^(?P<label>.+)-s(?P<seed>\d+)$")
 NORM_SPLITS = ("val", "train")
 
 
@@ -38,6 +47,7 @@ class Run:
     results: dict
     best_row: dict | None  # the metrics.jsonl row of the best epoch, if it was found
     rows: list[dict] = field(default_factory=list)
+    label: str = ""  # the method, or its variant's label (olm-running)
 
     @property
     def selection_head(self) -> str:
@@ -86,19 +96,32 @@ def load_runs(runs_dir: Path) -> tuple[list[Run], list[Path]]:
             raise UserError(f"{results_path} lacks 'test' or 'method' (not written by main.py?)")
         rows = read_rows(folder) if (folder / "metrics.jsonl").is_file() else []
         best = next((r for r in rows if r.get("epoch") == results.get("best_epoch")), None)
-        runs.append(Run(folder, results["method"], int(results.get("seed", 0)), results, best, rows))
+        runs.append(Run(folder, results["method"], int(results.get("seed", 0)), results, best, rows,
+                        variant_label(folder.name, results["method"])))
     if not runs:
         raise UserError(f"no finished run (a folder with results.json) under {runs_dir}")
     return runs, unfinished
 
 
+def variant_label(folder_name: str, method: str) -> str:
+    """``olm-running`` for a folder ``olm-running-s3`` of method olm; the method otherwise."""
+    match = RUN_FOLDER.match(folder_name)
+    label = match.group("label") if match else method
+    return label if label == method or label.startswith(method + "-") else method
+
+
 def group_by_method(runs: list[Run]) -> dict[str, list[Run]]:
+    """Runs grouped by method or variant label; a variant follows its method."""
     groups: dict[str, list[Run]] = defaultdict(list)
     for run in runs:
-        groups[run.method].append(run)
+        groups[run.label or run.method].append(run)
     order = {m: i for i, m in enumerate(METHOD_ORDER)}
-    return {m: sorted(groups[m], key=lambda r: r.seed)
-            for m in sorted(groups, key=lambda m: (order.get(m, len(order)), m))}
+
+    def key(label):
+        method = groups[label][0].method
+        return order.get(method, len(order)), method, label != method, label
+
+    return {m: sorted(groups[m], key=lambda r: r.seed) for m in sorted(groups, key=key)}
 
 
 def head_values(runs: list[Run], head: str, metric: str, split: str = "test") -> list[float]:
@@ -139,25 +162,55 @@ def norm_ratios(runs: list[Run], first: str, second: str, split: str) -> list[fl
 
 
 def olm_regime(runs: list[Run], heads: list[str]) -> dict | None:
-    """Share of saturated steps and mean G, C per head over every epoch and seed."""
-    saturated, gains = [], {"G": defaultdict(list), "C": defaultdict(list)}
+    """OLM's rate-target regime over the epochs after the reference epoch (utils.report.regime),
+    as per-seed values: saturated share, target mass (ratio share) and saturated share per head,
+    mean G and C per head, final coefficients. ``None`` when no run logged saturation."""
+    per_seed = {"saturated": [], "mass": defaultdict(list), "saturated_head": defaultdict(list),
+                "G": defaultdict(list), "C": defaultdict(list), "coefficients": defaultdict(list)}
     for run in runs:
-        for row in run.rows:
-            olm = row.get("olm") or {}
-            if "saturated" in olm:
-                saturated.append(float(olm["saturated"]))
-            for key in gains:
-                for head, value in (olm.get(key) or {}).items():
-                    gains[key][head].append(float(value))
-    if not saturated:
+        stats = regime(run.rows, heads)
+        if stats is None or math.isnan(stats["saturated"]):
+            continue
+        per_seed["saturated"].append(stats["saturated"])
+        total = sum(v for v in stats["ratio"].values() if not math.isnan(v))
+        for head in heads:
+            if total > 0 and not math.isnan(stats["ratio"][head]):
+                per_seed["mass"][head].append(stats["ratio"][head] / total)
+            if not math.isnan(stats["saturated_head"][head]):
+                per_seed["saturated_head"][head].append(stats["saturated_head"][head])
+            for key in ("G", "C"):
+                values = [r["olm"][key][head] for r in run.rows
+                          if r.get("epoch") in stats["epochs"] and head in ((r.get("olm") or {}).get(key) or {})]
+                if values:
+                    per_seed[key][head].append(statistics.fmean(values))
+            final = run.results.get("coefficients") or (run.rows[-1].get("coefficients", {}) if run.rows else {})
+            if head in final:
+                per_seed["coefficients"][head].append(float(final[head]))
+    if not per_seed["saturated"]:
         return None
-    return {"saturated": statistics.fmean(saturated),
-            **{key: {h: statistics.fmean(gains[key][h]) for h in heads if gains[key][h]} for key in gains}}
+    result = {"saturated": statistics.fmean(per_seed["saturated"]), "saturated_values": per_seed["saturated"]}
+    for key in ("mass", "saturated_head", "G", "C", "coefficients"):
+        result[key] = {h: statistics.fmean(v) for h, v in per_seed[key].items() if v}
+        result[f"{key}_values"] = {h: v for h, v in per_seed[key].items() if v}
+    return result
+
+
+def own_gaps(runs: list[Run]) -> list[float]:
+    """Per run: fusion test accuracy minus the best unimodal head of the same model."""
+    gaps = []
+    for run in runs:
+        test = run.results["test"]
+        unimodal = [test[h]["acc"] for h in run.reported_heads() if h != "fusion" and h in test]
+        if "fusion" in run.reported_heads() and unimodal:
+            gaps.append(test["fusion"]["acc"] - max(unimodal))
+    return gaps
 
 
 def protocol_differences(runs: list[Run]) -> dict[str, list]:
     """Config keys (besides method, seed, paths, device) whose values differ between runs."""
     import yaml
+
+    from config import METHOD_DEFAULTS
 
     values: dict[str, set] = defaultdict(set)
     for run in runs:
@@ -167,9 +220,12 @@ def protocol_differences(runs: list[Run]) -> dict[str, list]:
         except yaml.YAMLError:
             raise UserError(f"{path} is not valid YAML") from None
         config = config or {k: run.results.get(k) for k in ("dataset", "fusion", "epochs")}
+        # A method that brings its own recipe (config.METHOD_DEFAULTS: OGM-GE's optimizer) is
+        # compared on its own terms for those keys.
+        recipe = {k for options in METHOD_DEFAULTS.get(run.method, {}).values() for k in options}
         for key, value in config.items():
-            if key in METHOD_KEYS:
-                values[f"{key} ({run.method})"].add(json.dumps(value, sort_keys=True))
+            if key in METHOD_KEYS or key in recipe:
+                values[f"{key} ({run.label or run.method})"].add(json.dumps(value, sort_keys=True))
             elif key not in PER_RUN_KEYS:
                 values[key].add(json.dumps(value, sort_keys=True))
     return {k: sorted(v) for k, v in values.items() if len(v) > 1}
@@ -192,6 +248,10 @@ def summarize(runs_dir: Path, norm_split: str = "val") -> dict:
                                         "f1_values": f1}
         fusion = entry["heads"].get("fusion")
         entry["gap"] = (fusion["acc"][0] - reference[1]) if fusion and reference else None
+        # Per seed: against the best unimodal model when one was trained, else against the
+        # best unimodal head of the same model (the compare.md caption says which).
+        entry["gap_values"] = ([a - reference[1] for a in fusion["acc_values"]] if fusion and reference
+                               else own_gaps(method_runs))
         ratios = norm_ratios(method_runs, *modalities[:2], norm_split) if len(modalities) >= 2 else []
         entry["norm_ratio"] = mean_std(ratios) if ratios else None
         entry["norm_ratio_values"] = ratios
@@ -202,6 +262,49 @@ def summarize(runs_dir: Path, norm_split: str = "val") -> dict:
             "protocol_differences": protocol_differences(runs),
             "dataset": sorted({r.results.get("dataset", "?") for r in runs}),
             "epochs": sorted({r.results.get("epochs", 0) for r in runs})}
+
+
+def format_gap(values: list[float]) -> str:
+    if not values:
+        return "—"
+    mean, std = mean_std(values)
+    return f"{100 * mean:+.1f} ± {100 * std:.1f}"
+
+
+def format_heads(values: dict[str, list[float]], heads: list[str], scale: float = 1.0, digits: int = 2,
+                 unit: str = "") -> str:
+    """'audio 0.45 ± 0.03, visual ...' over the heads that have values."""
+    parts = []
+    for head in heads:
+        if values.get(head):
+            mean, std = mean_std(values[head])
+            parts.append(f"{head} {scale * mean:.{digits}f}{unit} ± {scale * std:.{digits}f}")
+    return ", ".join(parts) or "—"
+
+
+def render_regime(summary: dict) -> list[str]:
+    """The OLM regime table: how often the rate target saturated and where its mass went."""
+    regimes = {m: e["regime"] for m, e in summary["methods"].items() if e["regime"]}
+    if not regimes:
+        return []
+    heads = summary["heads"]
+    lines = ["", "## OLM's regime (epochs after the reference epoch, mean ± std over seeds)", "",
+             "Saturated: share of steps whose rate target was one-hot (G/C huge after clamping C <= 0); "
+             "target mass: each head's share of the mean target ratios; saturated on: share of steps "
+             "whose whole mass went to that head; coefficients: final w per head.", "",
+             "| method | seeds | saturated steps | target mass | saturated on | final coefficients | mean G | mean C |",
+             "|---|---|---|---|---|---|---|---|"]
+    for method, entry in regimes.items():
+        saturated = mean_std(entry["saturated_values"])
+        lines.append("| " + " | ".join([
+            method, str(len(entry["saturated_values"])),
+            f"{100 * saturated[0]:.0f}% ± {100 * saturated[1]:.0f}",
+            format_heads(entry["mass_values"], heads),
+            format_heads(entry["saturated_head_values"], heads, scale=100, digits=0, unit="%"),
+            format_heads(entry["coefficients_values"], heads, digits=3),
+            ", ".join(f"{h} {v:.3g}" for h, v in entry["G"].items()),
+            ", ".join(f"{h} {v:.3g}" for h, v in entry["C"].items())]) + " |")
+    return lines
 
 
 def render_markdown(summary: dict) -> str:
@@ -220,7 +323,7 @@ def render_markdown(summary: dict) -> str:
         cells = [method, str(len(entry["seeds"]))]
         cells += [format_mean_std(entry["heads"][h]["acc_values"]) if h in entry["heads"] else "—" for h in heads]
         cells += [format_mean_std(entry["heads"][h]["f1_values"]) if h in entry["heads"] else "—" for h in heads]
-        cells.append("—" if entry["gap"] is None else f"{100 * entry['gap']:+.1f}")
+        cells.append(format_gap(entry["gap_values"]))
         if len(modalities) >= 2:
             cells.append(format_mean_std(entry["norm_ratio_values"], scale=1.0, digits=2)
                          if entry["norm_ratio_values"] else "—")
@@ -228,17 +331,11 @@ def render_markdown(summary: dict) -> str:
     lines.append("")
     if reference:
         lines.append(f"Best unimodal model: {reference[0]} ({100 * reference[1]:.1f}% test accuracy); "
-                     "the gap column is each method's mean fusion accuracy minus it, in points.")
+                     "the gap column is each seed's fusion accuracy minus it, in points.")
     else:
-        lines.append("No unimodal reference (audio_only / visual_only) finished, so no gap is shown.")
-    regimes = {m: e["regime"] for m, e in summary["methods"].items() if e["regime"]}
-    if regimes:
-        lines += ["", "## OLM rate-target regime (every epoch and seed)", "",
-                  "| method | saturated steps | mean G per head | mean C per head |", "|---|---|---|---|"]
-        for method, regime in regimes.items():
-            g = ", ".join(f"{h} {v:.3g}" for h, v in regime["G"].items())
-            c = ", ".join(f"{h} {v:.3g}" for h, v in regime["C"].items())
-            lines.append(f"| {method} | {100 * regime['saturated']:.0f}% | {g} | {c} |")
+        lines.append("No unimodal model (audio_only / visual_only) was trained: the gap column is each "
+                     "run's fusion accuracy minus the best unimodal head of the same model, in points.")
+    lines += render_regime(summary)
     notes = []
     if summary["protocol_differences"]:
         differing = "; ".join(f"{k}: {', '.join(v)}" for k, v in summary["protocol_differences"].items())
@@ -302,11 +399,23 @@ def main(argv=None) -> None:
     parser.add_argument("--norm-split", choices=NORM_SPLITS, default="val",
                         help="split whose mean logit norms (at the best epoch) give the norm ratio")
     parser.add_argument("--no-figure", action="store_true", help="write compare.md only")
+    parser.add_argument("--note", help="a paragraph placed under the title (what the runs are, e.g. "
+                                       "which flags each variant label stands for)")
+    parser.add_argument("--report", help="also write the markdown here (e.g. docs/results/compare-avdigits.md), "
+                                         "for the README's generated blocks")
     args = parser.parse_args(argv)
     runs_dir = Path(args.runs_dir)
     summary = summarize(runs_dir, args.norm_split)
-    (runs_dir / "compare.md").write_text(render_markdown(summary))
-    print(f"wrote {runs_dir / 'compare.md'}")
+    from utils.provenance import write_report
+
+    body = render_markdown(summary)
+    if args.note:
+        title, rest = body.split("\n", 1)
+        body = f"{title}\n\n{args.note.strip()}\n{rest}"
+    # Name the module, not the file path that ``python -m`` leaves in sys.argv[0].
+    command = " ".join(["python -m utils.compare", *map(shlex.quote, argv if argv is not None else sys.argv[1:])])
+    for path in [runs_dir / "compare.md"] + ([Path(args.report)] if args.report else []):
+        print(f"wrote {write_report(path, body, command=command)}")
     if not args.no_figure:
         render_figure(summary, runs_dir / "compare.png")
         print(f"wrote {runs_dir / 'compare.png'}")

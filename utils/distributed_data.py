@@ -84,7 +84,8 @@ def reduce_metrics(metrics: HeadMetrics) -> dict:
     import torch.distributed as dist
 
     labels, predictions = metrics.merge_arrays()
-    local = (labels, predictions, dict(metrics.loss_sums), dict(metrics.norm_sums), metrics.count)
+    local = (labels, predictions, dict(metrics.loss_sums), dict(metrics.norm_sums), metrics.count,
+             dict(metrics.modulated_sums))
     gathered = [None] * distributed.world_size()
     dist.all_gather_object(gathered, local)
     all_labels = np.concatenate([g[0] for g in gathered])
@@ -92,4 +93,5 @@ def reduce_metrics(metrics: HeadMetrics) -> dict:
     loss_sums = {h: sum(g[2].get(h, 0.0) for g in gathered) for h in metrics.heads}
     norm_sums = {h: sum(g[3].get(h, 0.0) for g in gathered) for h in metrics.heads}
     count = sum(g[4] for g in gathered)
-    return metrics.compute(all_labels, all_predictions, loss_sums, norm_sums, count)
+    modulated = {h: sum(g[5][h] for g in gathered) for h in metrics.heads if h in metrics.modulated_sums}
+    return metrics.compute(all_labels, all_predictions, loss_sums, norm_sums, count, modulated)

@@ -1,10 +1,12 @@
 """Refresh the generated blocks of the README and docs/ from the files scripts wrote.
 
 A block is ``<!-- generated: docs/results/NAME.md -->`` ... ``<!-- end generated -->``; its
-content is replaced by that file's text. Nothing between the markers is typed by hand.
+content is replaced by that file's text (a ``.py`` file, e.g. a runnable example under
+examples/, goes in as a Python code block). Nothing between the markers is typed by hand.
 
     python -m utils.docs            # rewrite README.md and docs/*.md in place
     python -m utils.docs --check    # exit 1 if a block is stale or its file is missing
+    python -m utils.docs --rerun    # rerun every included report's recorded command, then refill
 """
 from __future__ import annotations
 
@@ -14,11 +16,24 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+READ_START, READ_END = "# readme: start", "# readme: end"
 BLOCK = re.compile(r"(<!-- generated: (?P<src>[^ ]+) -->\n)(?P<body>.*?)(<!-- end generated -->)", re.S)
 
 
 def documents(root: Path = ROOT) -> list[Path]:
     return [root / "README.md", *sorted((root / "docs").glob("*.md"))]
+
+
+def included_text(source: Path) -> str:
+    """A results file as it is; a Python file as a fenced block, only its lines between
+    ``# readme: start`` and ``# readme: end`` when it has them (a runnable example's core)."""
+    text = source.read_text()
+    if source.suffix != ".py":
+        return text
+    lines = text.splitlines()
+    if READ_START in lines and READ_END in lines:
+        lines = lines[lines.index(READ_START) + 1:lines.index(READ_END)]
+    return "```python\n" + "\n".join(lines).strip("\n") + "\n```\n"
 
 
 def refresh(text: str, root: Path = ROOT) -> tuple[str, list[str]]:
@@ -30,16 +45,75 @@ def refresh(text: str, root: Path = ROOT) -> tuple[str, list[str]]:
         if not source.is_file():
             missing.append(match["src"])
             return match.group(0)
-        return match.group(1) + source.read_text().rstrip() + "\n" + match.group(4)
+        return match.group(1) + included_text(source).rstrip() + "\n" + match.group(4)
 
     return BLOCK.sub(fill, text), missing
+
+
+RECORDED = re.compile(r"^_Written by `(?P<command>.+)` on \d{4}-\d{2}-\d{2}; machine: ")
+
+
+def included_reports(root: Path = ROOT) -> list[str]:
+    """Every docs/results file a generated block includes, each once, in document order."""
+    seen: list[str] = []
+    for doc in documents(root):
+        if doc.is_file():
+            for match in BLOCK.finditer(doc.read_text()):
+                if match["src"].startswith("docs/results/") and match["src"] not in seen:
+                    seen.append(match["src"])
+    return seen
+
+
+def recorded_command(report: Path, root: Path = ROOT) -> str | None:
+    """The command a report's provenance header names, runnable from the repository root
+    (``python`` prepended to a bare script, this checkout's absolute path removed)."""
+    match = RECORDED.match(report.read_text().split("\n", 1)[0])
+    if not match:
+        return None
+    command = match["command"].replace(f"{root}/", "")
+    if command.split()[0].endswith(".py"):
+        command = "python " + command
+    return command
+
+
+def rerun(root: Path = ROOT, skip: tuple[str, ...] = ()) -> int:
+    """Rerun the recorded command of every included report (``$PYTHON`` for ``python``);
+    reports whose command reads temporary run folders are named and left as they are."""
+    import os
+    import subprocess
+
+    status = 0
+    python = os.environ.get("PYTHON", sys.executable)
+    for source in included_reports(root):
+        name = Path(source).stem
+        path = root / source
+        if name in skip:
+            continue
+        if not path.is_file():
+            print(f"warning: {source} does not exist yet: no command to rerun", file=sys.stderr)
+            status = 1
+            continue
+        command = recorded_command(path, root)
+        if command is None or "/tmp/" in command:
+            print(f"warning: {source} is not regenerated (its command: {command or 'not recorded'})", file=sys.stderr)
+            continue
+        if command.startswith("python "):
+            command = f"{python} {command[len('python '):]}"
+        print(f"== {source}: {command}", flush=True)
+        if subprocess.run(command, shell=True, cwd=root).returncode != 0:
+            print(f"error: {source}: the command failed", file=sys.stderr)
+            status = 1
+    return status
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--check", action="store_true", help="only report stale blocks; change nothing")
+    parser.add_argument("--rerun", action="store_true",
+                        help="first rerun the command recorded in every included report, then refill")
+    parser.add_argument("--skip", nargs="*", default=[], help="report names (e.g. main-job) --rerun leaves alone")
     args = parser.parse_args(argv)
-    status = 0
+    status = rerun(ROOT, tuple(args.skip)) if args.rerun else 0
     for doc in documents():
         if not doc.is_file():
             continue

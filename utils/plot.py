@@ -1,8 +1,10 @@
 """Diagnostic figures from a run folder's ``metrics.jsonl``: is training balanced?
 
 One column of panels per run: per-head accuracy (train dashed, val solid), mean logit norm
-per head, the coefficients with OLM's target ratios, and OLM's gains G and C (rate target).
-Methods that log no OLM diagnostics simply have no lines in those panels.
+per head, the coefficients with OLM's target ratios, OLM's gains G and C (rate target), and
+which head receives OLM's target mass over time (each epoch's mean ratios as shares, with
+the share of steps saturated on each head). Methods that log no OLM diagnostics simply have
+no lines in those panels.
 
     python -m utils.plot runs/AVDigits-olm-bilinear-s0            # -> RUN/diagnostics.png
     python -m utils.plot runs/joint-s0 runs/olm-s0 --out both.png # side by side
@@ -17,7 +19,8 @@ from typing import Sequence
 from utils.errors import UserError
 
 PANEL_TITLES = ("accuracy (train dashed, val solid)", "mean logit norm ||z|| (train dashed, val solid)",
-                "coefficients (solid), OLM target ratio r (dashed)", "OLM gains G (solid), C (dashed)")
+                "coefficients (solid), OLM target ratio r (dashed)", "OLM gains G (solid), C (dashed)",
+                "OLM target mass by head (shaded), steps saturated on it (dotted)")
 KNOWN_HEAD_COLOURS = {"audio": "tab:blue", "visual": "tab:orange", "fusion": "tab:green", "text": "tab:red"}
 SPARE_COLOURS = ("tab:purple", "tab:brown", "tab:pink", "tab:gray", "tab:olive", "tab:cyan")
 
@@ -100,7 +103,7 @@ def draw_run(axes, rows: list[dict], label: str) -> None:
 
     heads = heads_of(rows)
     colours = head_colours(heads)
-    accuracy, norm, coefficient, gains = axes
+    accuracy, norm, coefficient, gains, mass = axes
     for head in heads:
         style = dict(color=colours[head], marker="o", ms=3, label=head)
         dashed = dict(color=colours[head], ls="--", marker="x", ms=3, alpha=0.75)
@@ -122,6 +125,7 @@ def draw_run(axes, rows: list[dict], label: str) -> None:
     else:
         gains.text(0.5, 0.5, "no G/C logged\n(not OLM's rate target)", ha="center", va="center",
                    transform=gains.transAxes, fontsize=8, color="gray")
+    draw_mass(mass, rows, heads, colours)
     accuracy.set_ylim(-0.02, 1.02)
     # Fusion norms can be orders of magnitude above the unimodal ones (bilinear fusion).
     norm_values = [v for line in norm.get_lines() for v in line.get_ydata()]
@@ -141,6 +145,29 @@ def draw_run(axes, rows: list[dict], label: str) -> None:
             axis.legend(fontsize=7, loc="best")
 
 
+def draw_mass(axis, rows: list[dict], heads: list[str], colours: dict[str, str]) -> None:
+    """Stacked shares of each epoch's mean target ratios (who receives the target mass), and
+    per head the share of that epoch's steps whose target was one-hot on it."""
+    epochs, shares = [], {h: [] for h in heads}
+    for row in rows:
+        ratios = (row.get("olm") or {}).get("ratios") or {}
+        total = sum(ratios.get(h, 0.0) for h in heads)
+        if total > 0:
+            epochs.append(row["epoch"])
+            for head in heads:
+                shares[head].append(ratios.get(head, 0.0) / total)
+    if not epochs:
+        axis.text(0.5, 0.5, "no target ratios logged\n(not OLM)", ha="center", va="center",
+                  transform=axis.transAxes, fontsize=8, color="gray")
+        return
+    axis.stackplot(epochs, *[shares[h] for h in heads], colors=[colours[h] for h in heads], alpha=0.45,
+                   labels=[f"{h} mass" for h in heads])
+    for head in heads:
+        draw(axis, series(rows, "olm", "saturated_head", head),
+             dict(color=colours[head], ls=":", marker=".", lw=1.5, label=f"saturated on {head}"))
+    axis.set_ylim(0, 1)
+
+
 def plot_runs(run_dirs: Sequence[Path | str], out: Path | str) -> Path:
     """One column of panels per run, side by side, saved as a PNG at ``out``."""
     run_dirs = [Path(d) for d in run_dirs]
@@ -150,7 +177,7 @@ def plot_runs(run_dirs: Sequence[Path | str], out: Path | str) -> Path:
     plt = pyplot()
     columns = len(loaded)
     # Rows share their y axis so runs side by side compare at a glance.
-    figure, axes = plt.subplots(len(PANEL_TITLES), columns, figsize=(4.6 * columns, 11), squeeze=False,
+    figure, axes = plt.subplots(len(PANEL_TITLES), columns, figsize=(4.6 * columns, 13.5), squeeze=False,
                                 sharey="row")
     for column, (rows, label) in enumerate(loaded):
         draw_run(axes[:, column], rows, label)

@@ -12,7 +12,7 @@ from pathlib import Path
 def main(argv=None):
     # Run as a plain file, so the repository root is put on the import path by hand.
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-    from utils.preprocess import main as run_preprocessing
+    from datasets.preprocess import main as run_preprocessing
     run_preprocessing("VGGSound", "frames", argv)
 
 

@@ -10,10 +10,15 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import nn
 
-from models.transformers.blocks import ClassifierHead, InputEmbedding
+from models.transformers.blocks import ClassifierHead, InputEmbedding, masked_mean
 
 FUSION_HEAD = "fusion"
 MASKS_KEY = "masks"
+# Valence regression (MER2023): inputs["valence"] holds (B,) targets, NaN where unknown; the
+# output carries the (B,) prediction and, when targets came in, their MSE under the key the
+# training loop adds to the network loss.
+VALENCE_KEY = "valence"
+AUXILIARY_LOSS = "auxiliary_loss"
 
 
 def normalize_modalities(modalities):
@@ -27,7 +32,7 @@ def normalize_modalities(modalities):
         raise ValueError(f"mid fusion needs at least 2 modalities, got {names}.")
     if len(set(names)) != len(names):
         raise ValueError(f"modalities must be distinct, got {names}.")
-    reserved = {FUSION_HEAD, MASKS_KEY}
+    reserved = {FUSION_HEAD, MASKS_KEY, VALENCE_KEY, AUXILIARY_LOSS}
     if reserved & set(names):
         raise ValueError(
             f"modality names {sorted(reserved)} are reserved, got {names}."
@@ -57,7 +62,21 @@ def normalize_input_dims(input_dims, modalities):
     return dims
 
 
+def released_feedforward(ratio, d_model):
+    """The released feed-forward width scaled to ``d_model`` (ratio x d_model, at least 1)."""
+    return max(1, round(ratio * d_model))
+
+
 class MidFusionTransformer(nn.Module):
+    # Feed-forward width over d_model in the released model (at d_model 768: EMT 1024, the
+    # others 2048, the PyTorch layer default they leave in place).
+    FEEDFORWARD_RATIO = 8 / 3
+    # Whether each modality's head reads that modality alone. Only then does a unimodal
+    # baseline (audio_only, visual_only) measure one modality.
+    UNIMODAL_HEADS = False
+    # What a modality's head reads, for the docs and for error messages.
+    HEAD_INPUT = "fused tokens"
+
     def __init__(
         self,
         modalities,
@@ -82,7 +101,7 @@ class MidFusionTransformer(nn.Module):
         self.num_layers = num_layers
         self.num_heads = num_heads
         self.dropout = dropout
-        self.dim_feedforward = dim_feedforward or 4 * d_model
+        self.dim_feedforward = dim_feedforward or released_feedforward(self.FEEDFORWARD_RATIO, d_model)
         self.embeddings = nn.ModuleDict(
             {
                 name: InputEmbedding(self.input_dims[name], d_model, dropout)
@@ -92,6 +111,13 @@ class MidFusionTransformer(nn.Module):
         self.unimodal_heads = nn.ModuleDict(
             {name: ClassifierHead(d_model, num_classes) for name in self.modalities}
         )
+        self.valence_head = None
+
+    def enable_valence(self):
+        """Add a valence regressor on the fused features (what the fusion head reads), as
+        MER2023's baseline trains one beside the emotion classifier; returns self."""
+        self.valence_head = ClassifierHead(self.fusion_head.linear.in_features, 1)
+        return self
 
     def layer_kwargs(self):
         return dict(
@@ -155,10 +181,21 @@ class MidFusionTransformer(nn.Module):
     def forward(self, inputs):
         tokens, masks = self.embed(inputs)
         tokens, fused = self.fuse(tokens, masks)
-        # Index 0 is the class token of every stream.
+        # As released, a modality's head reads the mean of that stream's real tokens (class
+        # token included): every token carries its own input on the residual path, so the
+        # head keeps a direct route to its modality even where the tokens also read others.
         logits = {
-            name: self.unimodal_heads[name](tokens[name][:, 0])
+            name: self.unimodal_heads[name](masked_mean(tokens[name], masks[name]))
             for name in self.modalities
         }
         logits[FUSION_HEAD] = self.fusion_head(fused)
+        if self.valence_head is not None:
+            logits[VALENCE_KEY] = self.valence_head(fused).squeeze(-1)
+            targets = inputs.get(VALENCE_KEY)
+            if targets is not None:
+                known = torch.isfinite(targets)
+                errors = (logits[VALENCE_KEY].float() - targets.nan_to_num()) ** 2
+                # Masked rather than indexed: the graph (and DDP's view of the head) stays
+                # the same when a batch holds no valence at all.
+                logits[AUXILIARY_LOSS] = (errors * known).sum() / known.sum().clamp(min=1)
         return logits

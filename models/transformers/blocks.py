@@ -176,6 +176,27 @@ class SelfAttentionLayer(nn.Module):
         return zero_padding(tokens, mask)
 
 
+class DecoderLayer(nn.Module):
+    """Pre-norm decoder-style block: the queries attend among themselves (their own stream),
+    then to a context (another stream), then a feed-forward step; residual after each.
+
+    This is the layer the released CA and UMT stack: a stream first reads itself, so a
+    class token keeps its own modality's evidence before it mixes in the others'.
+    """
+
+    def __init__(self, d_model, num_heads, dim_feedforward, dropout):
+        super().__init__()
+        self.self_norm = nn.LayerNorm(d_model)
+        self.self_attention = MultiHeadAttention(d_model, num_heads, dropout)
+        self.cross = CrossAttentionLayer(d_model, num_heads, dim_feedforward, dropout)
+        self.residual_dropout = nn.Dropout(dropout)
+
+    def forward(self, queries, query_mask, context, context_mask):
+        normed = self.self_norm(queries)
+        queries = queries + self.residual_dropout(self.self_attention(normed, normed, query_mask))
+        return self.cross(zero_padding(queries, query_mask), query_mask, context, context_mask)
+
+
 class ClassifierHead(nn.Module):
     """LayerNorm then Linear: the pre-norm stack leaves its outputs un-normalised."""
 

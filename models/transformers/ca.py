@@ -1,19 +1,26 @@
 """CA: co-attention transformer.
 
-At every layer each modality attends to the tokens of all the other modalities
-(concatenated, with their masks concatenated the same way); all modalities update
-from the previous layer's states. The fusion head reads the concatenated class
-tokens.
+Every layer is decoder-style for each modality: its tokens first attend among themselves
+(self-attention within the modality), then to the tokens of all the other modalities
+(concatenated, masks concatenated the same way), then a feed-forward step. All modalities
+update from the previous layer's states, so the result does not depend on the order the
+modalities are listed in (the released two-modality model updates visual first and lets
+audio read the updated visual). The fusion head reads the concatenated class tokens.
+
+A modality's class token reads its own modality before the others at every layer, so its
+head leans on its own input, but it is not unimodal: unimodal baselines are refused.
 """
 
 import torch
 from torch import nn
 
 from models.transformers.base import MidFusionTransformer
-from models.transformers.blocks import ClassifierHead, CrossAttentionLayer
+from models.transformers.blocks import ClassifierHead, DecoderLayer
 
 
 class CA(MidFusionTransformer):
+    HEAD_INPUT = "its own modality first, then the others (co-attention)"
+
     def __init__(self, modalities, input_dims, num_classes, d_model=768, num_layers=3,
                  num_heads=8, num_bottleneck=12, dropout=0.1, dim_feedforward=None):
         # num_bottleneck is accepted so every model type shares one signature; CA
@@ -22,7 +29,7 @@ class CA(MidFusionTransformer):
                          num_heads, dropout, dim_feedforward)
         self.layers = nn.ModuleList(
             nn.ModuleDict(
-                {name: CrossAttentionLayer(**self.layer_kwargs()) for name in self.modalities}
+                {name: DecoderLayer(**self.layer_kwargs()) for name in self.modalities}
             )
             for _ in range(num_layers)
         )

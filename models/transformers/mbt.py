@@ -2,7 +2,8 @@
 
 Modalities exchange information only through a few shared bottleneck tokens: at
 every layer each modality's encoder sees [its own tokens; the bottleneck], and the
-next bottleneck is the mean of what the modalities wrote into it.
+next bottleneck is the mean of what the modalities wrote into it. Feed-forward
+8/3 x d_model as released (2048 at 768).
 """
 
 import torch

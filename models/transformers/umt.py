@@ -1,9 +1,11 @@
 """UMT: unified multimodal transformer with two-way pivot exchange.
 
-At every layer the pivot tokens first collect from each modality (pivots as
-queries; the per-modality collections are averaged), then each modality reads the
-updated pivots back (modality tokens as queries, residual), then each modality
-runs its own self-attention.
+At every layer the pivot tokens first collect from each modality (a decoder-style
+layer per modality: pivots attend among themselves, then to that modality; the
+per-modality collections are averaged), then each modality propagates the updated
+pivots into its tokens (a decoder-style layer: self-attention within the modality,
+then attention to the pivots). As released, four decoder layers per fusion layer for
+two modalities, feed-forward 8/3 x d_model (2048 at 768).
 """
 
 import torch
@@ -12,8 +14,7 @@ from torch import nn
 from models.transformers.base import MidFusionTransformer
 from models.transformers.blocks import (
     ClassifierHead,
-    CrossAttentionLayer,
-    SelfAttentionLayer,
+    DecoderLayer,
     learned_tokens,
 )
 
@@ -34,25 +35,21 @@ class UMT(MidFusionTransformer):
         self.pivots = learned_tokens(num_bottleneck, d_model)
         kwargs = self.layer_kwargs()
         self.collect_layers = _per_modality(
-            self.modalities, lambda: CrossAttentionLayer(**kwargs), num_layers)
-        self.read_back_layers = _per_modality(
-            self.modalities, lambda: CrossAttentionLayer(**kwargs), num_layers)
-        self.self_layers = _per_modality(
-            self.modalities, lambda: SelfAttentionLayer(**kwargs), num_layers)
+            self.modalities, lambda: DecoderLayer(**kwargs), num_layers)
+        self.propagate_layers = _per_modality(
+            self.modalities, lambda: DecoderLayer(**kwargs), num_layers)
         self.fusion_head = ClassifierHead(d_model, num_classes)
 
     def fuse(self, tokens, masks):
         batch_size = tokens[self.modalities[0]].shape[0]
         pivots = self.pivots.expand(batch_size, -1, -1)
         pivot_mask = masks[self.modalities[0]].new_ones(batch_size, self.num_pivots)
-        for collect, read_back, self_attend in zip(
-                self.collect_layers, self.read_back_layers, self.self_layers):
+        for collect, propagate in zip(self.collect_layers, self.propagate_layers):
             pivots = torch.stack(
                 [collect[name](pivots, pivot_mask, tokens[name], masks[name])
                  for name in self.modalities],
                 dim=0,
             ).mean(dim=0)
             for name in self.modalities:
-                tokens[name] = read_back[name](tokens[name], masks[name], pivots, pivot_mask)
-                tokens[name] = self_attend[name](tokens[name], masks[name])
+                tokens[name] = propagate[name](tokens[name], masks[name], pivots, pivot_mask)
         return tokens, pivots.mean(dim=1)

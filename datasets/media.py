@@ -15,6 +15,7 @@ FRAME_METHODS = ("auto", "grab", "seek")
 # add contention (measured: one thread was never slower in the pool).
 POOL_DECODER_THREADS = 1
 SEEK_BACKOFF_FRAMES = 16
+FFMPEG_TIMEOUT_S = 120.0  # a 10 s clip takes well under a second; only a hung call gets near
 
 
 class MediaError(Exception):
@@ -45,8 +46,11 @@ def find_ffmpeg():
     return exe
 
 
-def extract_audio(video_path, wav_path, sample_rate=AUDIO_SAMPLE_RATE, ffmpeg=None):
-    """Write the first audio stream of `video_path` as mono PCM16 wav at `sample_rate`."""
+def extract_audio(video_path, wav_path, sample_rate=AUDIO_SAMPLE_RATE, ffmpeg=None,
+                  timeout=FFMPEG_TIMEOUT_S):
+    """Write the first audio stream of `video_path` as mono PCM16 wav at `sample_rate`.
+
+    ffmpeg gets `timeout` seconds: one hung file must cost its clip, not block a worker."""
     wav_path = Path(wav_path)
     partial = temp_sibling(wav_path)
     command = [
@@ -54,7 +58,11 @@ def extract_audio(video_path, wav_path, sample_rate=AUDIO_SAMPLE_RATE, ffmpeg=No
         "-i", str(video_path), "-map", "0:a:0", "-vn", "-ac", "1", "-ar", str(sample_rate),
         "-c:a", "pcm_s16le", "-f", "wav", str(partial),
     ]
-    result = subprocess.run(command, capture_output=True, text=True)
+    try:
+        result = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        partial.unlink(missing_ok=True)
+        raise MediaError(f"ffmpeg timed out after {timeout:g} s (--timeout)") from None
     if result.returncode != 0:
         partial.unlink(missing_ok=True)
         message = result.stderr.strip()
@@ -104,8 +112,12 @@ def keyframe_indices(video_path):
 
 
 def kept_frame_index(k, source_fps, fps):
-    """Source frame shown at the start of the k-th 1/fps interval (first frame of each second)."""
-    return int(k * source_fps / fps + 1e-6)
+    """Source frame index of the k-th kept frame, rounded as the released scripts did: the
+    frame rate is truncated to an integer (29.97 -> 29) and second s keeps frames
+    s*29 + j*int(29/fps), j < fps. So 1 frame per second of a 30 fps clip keeps 0, 30, 60, ..."""
+    whole = max(1, int(source_fps))
+    second, j = divmod(k, fps)
+    return second * whole + j * max(1, whole // fps)
 
 
 def choose_method(video_path, source_fps, fps):
@@ -125,13 +137,14 @@ def choose_method(video_path, source_fps, fps):
 
 
 def _frames_by_grab(capture, source_fps, fps):
+    """(source index, frame) of the kept frames; grab() skips the colour conversion of the rest."""
     k, wanted, index = 0, 0, 0
     while capture.grab():
         if index == wanted:
             ok, frame = capture.retrieve()
             if not ok or frame is None:
                 break
-            yield frame
+            yield index, frame
             k += 1
             wanted = kept_frame_index(k, source_fps, fps)
         index += 1
@@ -152,14 +165,16 @@ def _frames_by_seek(capture, source_fps, fps):
         ok, frame = capture.read()
         if not ok or frame is None:
             break
-        yield frame
+        yield wanted, frame
         position = wanted + 1
         k += 1
 
 
 def extract_frames(video_path, out_dir, fps=1, method="auto", decoder_threads=None,
                    jpeg_quality=JPEG_QUALITY):
-    """Keep `fps` frames per second of video as `out_dir/00000.jpg`, ...; return the count.
+    """Keep `fps` frames per second of video as `out_dir/00000.jpg`, `00030.jpg`, ... (named
+    after the source frame, as the released scripts did, so name order is time order);
+    return the count.
 
     Frames are written into a hidden sibling folder that is renamed to `out_dir` at the
     end, so `out_dir` existing means the clip is complete.
@@ -175,14 +190,16 @@ def extract_frames(video_path, out_dir, fps=1, method="auto", decoder_threads=No
         source_fps = capture.get(cv2.CAP_PROP_FPS)
         if not source_fps or source_fps != source_fps or source_fps > 1000:
             raise MediaError(f"video reports no usable frame rate ({source_fps})")
+        if fps > max(1, int(source_fps)):
+            raise MediaError(f"--fps {fps} exceeds the video's frame rate ({source_fps:g})")
         if method == "auto":
             method = choose_method(video_path, source_fps, fps)
         frames = (_frames_by_seek if method == "seek" else _frames_by_grab)(
             capture, source_fps, fps)
         partial.mkdir(parents=True)
         count = 0
-        for count, frame in enumerate(frames, start=1):
-            target = partial / f"{count - 1:05d}.jpg"
+        for count, (index, frame) in enumerate(frames, start=1):
+            target = partial / f"{index:05d}.jpg"
             if not cv2.imwrite(str(target), frame, [cv2.IMWRITE_JPEG_QUALITY, jpeg_quality]):
                 raise MediaError(f"could not write {target}")
     except BaseException:

@@ -15,8 +15,8 @@ from typing import Callable, Optional
 
 from tqdm import tqdm
 
-from utils.media import (AUDIO_SAMPLE_RATE, FRAME_METHODS, POOL_DECODER_THREADS, MediaError,
-                         extract_audio, extract_frames, frames_dir_name, find_ffmpeg)
+from datasets.media import (AUDIO_SAMPLE_RATE, FFMPEG_TIMEOUT_S, FRAME_METHODS, POOL_DECODER_THREADS,
+                            MediaError, extract_audio, extract_frames, frames_dir_name, find_ffmpeg)
 
 
 def first_field(line):
@@ -45,16 +45,33 @@ class DatasetLayout:
     name: str
     video_suffix: str
     clip_from_split_line: Callable[[str], Optional[str]]
-    # Where the raw videos live inside --root when --video-dir is not given (CREMA-D only).
-    default_video_subdir: Optional[str] = None
+    # Where the raw videos usually sit inside --root when --video-dir is not given (the
+    # datasets' own downloads and the released scripts' folders); else all of --root is searched.
+    video_subdirs: tuple[str, ...] = ()
 
 
 LAYOUTS = {
-    "CREMAD": DatasetLayout("CREMA-D", ".flv", first_field, default_video_subdir="VideoFlash"),
-    "AVE": DatasetLayout("AVE", ".mp4", ave_clip),
-    "KineticSound": DatasetLayout("Kinetics-Sounds", ".mp4", first_field),
-    "VGGSound": DatasetLayout("VGGSound", ".mp4", vggsound_clip),
+    "CREMAD": DatasetLayout("CREMA-D", ".flv", first_field, video_subdirs=("VideoFlash",)),
+    "AVE": DatasetLayout("AVE", ".mp4", ave_clip, video_subdirs=("AVE",)),
+    "KineticSound": DatasetLayout("Kinetics-Sounds", ".mp4", first_field,
+                                  video_subdirs=("video_train", "video_test")),
+    "VGGSound": DatasetLayout("VGGSound", ".mp4", vggsound_clip, video_subdirs=("video",)),
 }
+
+
+def available_cpus():
+    """Cores this process may run on (CPU affinity, as set by taskset or a batch scheduler)."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def _positive_float(text):
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return value
 
 
 def _positive_int(text):
@@ -65,9 +82,9 @@ def _positive_int(text):
 
 
 def build_parser(layout, task):
-    video_help = (f"folder searched recursively for raw *{layout.video_suffix} videos"
-                  + (f" (default: <root>/{layout.default_video_subdir})"
-                     if layout.default_video_subdir else ""))
+    video_help = (f"folder searched recursively for raw *{layout.video_suffix} videos (default: "
+                  + " and ".join(f"<root>/{d}" for d in layout.video_subdirs)
+                  + " where they exist, else all of --root)")
     parser = argparse.ArgumentParser(
         description=(f"{layout.name}: " + ("keep --fps frames per second of every video as JPEGs "
                      "in <root>/Image-NN-FPS/<clip>/" if task == "frames" else
@@ -75,12 +92,12 @@ def build_parser(layout, task):
                      + ". Finished clips are skipped, so rerunning resumes."))
     parser.add_argument("--root", required=True, type=Path,
                         help="dataset root; outputs and the failure log are written here")
-    parser.add_argument("--video-dir", type=Path, required=layout.default_video_subdir is None,
-                        help=video_help)
+    parser.add_argument("--video-dir", type=Path, default=None, help=video_help)
     parser.add_argument("--split-file", type=Path, nargs="+", default=None,
                         help="only process the clips named in these split files")
-    parser.add_argument("--workers", type=_positive_int, default=os.cpu_count() or 1,
-                        help="processes working in parallel (default: all cores)")
+    parser.add_argument("--workers", type=_positive_int, default=available_cpus(),
+                        help="processes working in parallel (default: the cores this process "
+                             f"may use, here {available_cpus()})")
     if task == "frames":
         parser.add_argument("--fps", type=_positive_int, default=1,
                             help="frames kept per second of video (default: 1)")
@@ -90,13 +107,22 @@ def build_parser(layout, task):
     else:
         parser.add_argument("--sample-rate", type=_positive_int, default=AUDIO_SAMPLE_RATE,
                             help=f"output sample rate in Hz (default: {AUDIO_SAMPLE_RATE})")
+        parser.add_argument("--timeout", type=_positive_float, default=FFMPEG_TIMEOUT_S,
+                            help="seconds one ffmpeg call may take before its clip is logged as "
+                                 f"failed (default: {FFMPEG_TIMEOUT_S:g})")
     return parser
 
 
-def find_videos(video_dir, suffix):
+def find_videos(video_dirs, suffix):
     """clip name -> path; a clip name found twice is returned separately as a failure."""
     videos, duplicates = {}, []
-    for path in sorted(video_dir.rglob("*")):
+    paths = []
+    for video_dir in video_dirs:
+        for folder, subfolders, names in os.walk(video_dir):
+            # Outputs of earlier runs (frame folders, wavs) hold no videos: do not walk them.
+            subfolders[:] = [d for d in subfolders if not (d.startswith((".", "Image-")) or d == "audio")]
+            paths += [Path(folder) / name for name in names if name.lower().endswith(suffix)]
+    for path in sorted(paths):
         if path.suffix.lower() != suffix or path.name.startswith(".") or not path.is_file():
             continue
         if path.stem in videos:
@@ -112,7 +138,11 @@ def read_split_clips(split_files, layout):
     for split_file in split_files:
         if not split_file.is_file():
             raise SystemExit(f"--split-file {split_file} does not exist.")
-        for line in split_file.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            text = split_file.read_text(encoding="utf-8-sig", errors="replace")
+        except OSError as error:
+            raise SystemExit(f"--split-file {split_file} cannot be read ({error.strerror}).")
+        for line in text.splitlines():
             clip = layout.clip_from_split_line(line) if line.strip() else None
             if clip:
                 clips.append(clip)
@@ -131,9 +161,9 @@ def _frames_job(job):
 
 
 def _audio_job(job):
-    clip, video, wav_path, sample_rate, ffmpeg = job
+    clip, video, wav_path, sample_rate, ffmpeg, timeout = job
     try:
-        extract_audio(video, wav_path, sample_rate=sample_rate, ffmpeg=ffmpeg)
+        extract_audio(video, wav_path, sample_rate=sample_rate, ffmpeg=ffmpeg, timeout=timeout)
         return clip, None
     except MediaError as error:
         return clip, str(error)
@@ -181,14 +211,12 @@ def run(layout, task, argv=None):
     script = "video_preprocessing" if task == "frames" else "mp4_to_wav"
     args = build_parser(layout, task).parse_args(argv)
     root = args.root
-    video_dir = args.video_dir or root / layout.default_video_subdir
-    if not video_dir.is_dir():
-        flag = "--video-dir" if args.video_dir else "--root"
-        raise SystemExit(f"{flag}: video folder {video_dir} does not exist.")
     if root.exists() and not root.is_dir():
         raise SystemExit(f"--root {root} is a file, not a folder.")
+    video_dirs = video_folders(args.video_dir, root, layout)
+    video_dir = video_dirs[0] if len(video_dirs) == 1 else root
 
-    videos, failures = find_videos(video_dir, layout.video_suffix)
+    videos, failures = find_videos(video_dirs, layout.video_suffix)
     clips = sorted(videos)
     if args.split_file:
         clips = read_split_clips(args.split_file, layout)
@@ -196,7 +224,8 @@ def run(layout, task, argv=None):
                                  f"under {video_dir}") for clip in clips if clip not in videos]
         clips = [clip for clip in clips if clip in videos]
     if not clips:
-        raise SystemExit(f"--video-dir: no *{layout.video_suffix} videos to process under "
+        flag = "--video-dir" if args.video_dir else "--root (no --video-dir given)"
+        raise SystemExit(f"{flag}: no *{layout.video_suffix} videos to process under "
                          f"{video_dir}" + (" for the given --split-file." if args.split_file
                                            else "."))
 
@@ -215,9 +244,12 @@ def run(layout, task, argv=None):
         except MediaError as error:
             raise SystemExit(f"{error}.")
         make_job = lambda clip: (clip, str(videos[clip]), str(outputs[clip]),
-                                 args.sample_rate, ffmpeg)
+                                 args.sample_rate, ffmpeg, args.timeout)
         worker = _audio_job
-    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise SystemExit(f"--root: cannot create {out_dir} ({error.strerror}).")
 
     todo = [clip for clip in clips if not outputs[clip].exists()]
     already = len(clips) - len(todo)
@@ -245,6 +277,20 @@ def run(layout, task, argv=None):
         print("Nothing could be processed.")
         return 1
     return 0
+
+
+def video_folders(video_dir, root, layout):
+    """--video-dir, else the layout's usual folders under --root that exist, else --root."""
+    if video_dir is not None:
+        if not video_dir.is_dir():
+            raise SystemExit(f"--video-dir: video folder {video_dir} does not exist.")
+        return [video_dir]
+    if not root.is_dir():
+        usual = " or ".join(f"<root>/{d}" for d in layout.video_subdirs)
+        raise SystemExit(f"--root: {root} does not exist, so there are no videos to find in "
+                         f"{usual}; pass --video-dir or an existing --root.")
+    found = [root / d for d in layout.video_subdirs if (root / d).is_dir()]
+    return found or [root]
 
 
 def layout_key(layout):

@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Regenerate every figure the README and docs/ publish, then refill their generated blocks.
+#
+#   bash scripts/make_docs.sh            # every report, then python -m utils.docs
+#   COMPARE=1 bash scripts/make_docs.sh  # also the 3-seed comparison (hours on a 2-core CPU)
+#
+# Each report docs/results/<name>.md is headed by the command that wrote it, the date, the
+# CPU model and the load (utils/provenance.py); `python -m utils.docs --rerun` reruns those
+# recorded commands (the main job, checkpoint sizes, every benchmark), a report whose command
+# reads temporary run folders is named and kept. The test suite's time is measured over the
+# whole suite. PYTHON picks the interpreter; OMP_NUM_THREADS=1 unless set.
+set -euo pipefail
+if [[ "${1:-}" == "-h" || "${1:-}" == "--help" ]]; then sed -n '2,12s/^# \{0,1\}//p' "$0"; exit 0; fi
+cd "$(dirname "$0")/.."
+PY="${PYTHON:-python}"
+export PYTHON="$PY" OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
+
+status=0
+"$PY" -m utils.docs --rerun --skip suite-time bench-gpu || status=1  # bench-gpu: below, on CUDA only
+if "$PY" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)'; then
+  "$PY" benchmarks/bench_gpu.py --report docs/results/bench-gpu.md || status=1
+fi
+if [[ "${COMPARE:-0}" == 1 ]]; then
+  bash scripts/compare.sh cpu AVDigits 3 --no-progress || status=1
+fi
+"$PY" benchmarks/suite_time.py --report docs/results/suite-time.md || echo "warning: some tests failed" >&2
+"$PY" -m utils.docs
+"$PY" -m utils.docs --check || status=1
+exit $status
