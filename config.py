@@ -294,8 +294,10 @@ HELP = {
 
 # Options only main.py reads (clips, spectrograms, frames, the late-fusion head and OGM-GE,
 # which needs its read-out heads); main_trans.py leaves them out of its --help.
-LATE_FUSION_FIELDS = ("fusion", "encoder", "ogm_alpha", "ogm_modulation_starts", "ogm_modulation_ends", "fps", "image_size", "augment", "sample_rate", "audio_seconds",
-                      "n_fft", "hop_length", "spec_frames", "val_fraction", "spec_cache", "channels_last")
+LATE_FUSION_FIELDS = ("fusion", "encoder", "ogm_alpha", "ogm_modulation_starts", "ogm_modulation_ends", "fps",
+                      "image_size", "augment", "sample_rate", "audio_seconds", "n_fft", "hop_length",
+                      "spec_frames", "val_fraction", "spec_cache", "channels_last", "splits_dir", "audio_root",
+                      "frames_root")
 KEEP_CHECKPOINTS = ("all", "last", "best", "none")
 
 

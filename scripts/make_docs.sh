@@ -2,7 +2,7 @@
 # Regenerate every figure the README and docs/ publish, then refill their generated blocks.
 #
 #   bash scripts/make_docs.sh            # every report, then python -m utils.docs
-#   COMPARE=1 bash scripts/make_docs.sh  # also the 3-seed comparison (hours on a 2-core CPU)
+#   COMPARE=1 bash scripts/make_docs.sh  # also the 5-seed AV-Digits comparison of every method (about an hour on a 2-core CPU)
 #
 # Each report docs/results/<name>.md is headed by the command that wrote it, the date, the
 # CPU model and the load (utils/provenance.py); `python -m utils.docs --rerun` reruns those
@@ -16,12 +16,15 @@ PY="${PYTHON:-python}"
 export PYTHON="$PY" OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 
 status=0
-"$PY" -m utils.docs --rerun --skip suite-time bench-gpu || status=1  # bench-gpu: below, on CUDA only
+"$PY" -m utils.docs --rerun --skip suite-time bench-gpu compare-avdigits || status=1  # those three: below
 if "$PY" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)'; then
   "$PY" benchmarks/bench_gpu.py --report docs/results/bench-gpu.md || status=1
 fi
 if [[ "${COMPARE:-0}" == 1 ]]; then
-  bash scripts/compare.sh cpu AVDigits 3 --no-progress || status=1
+  bash scripts/compare.sh cpu AVDigits 5 --no-progress || status=1
+  "$PY" -m utils.compare runs/compare-AVDigits --report docs/results/compare-avdigits.md || status=1
+  "$PY" -m utils.plot runs/compare-AVDigits/joint-s0 runs/compare-AVDigits/olm-s0 \
+      --out docs/results/joint-vs-olm-avdigits.png || status=1
 fi
 "$PY" benchmarks/suite_time.py --report docs/results/suite-time.md || echo "warning: some tests failed" >&2
 "$PY" -m utils.docs

@@ -417,8 +417,12 @@ def main(argv=None) -> None:
     for path in [runs_dir / "compare.md"] + ([Path(args.report)] if args.report else []):
         print(f"wrote {write_report(path, body, command=command)}")
     if not args.no_figure:
-        render_figure(summary, runs_dir / "compare.png")
-        print(f"wrote {runs_dir / 'compare.png'}")
+        # The report's figure sits beside it (compare-avdigits.md -> compare-avdigits.png), so
+        # the command that regenerates the docs' table also regenerates their image.
+        figures = [runs_dir / "compare.png"] + ([Path(args.report).with_suffix(".png")] if args.report else [])
+        for figure in figures:
+            render_figure(summary, figure)
+            print(f"wrote {figure}")
 
 
 if __name__ == "__main__":
