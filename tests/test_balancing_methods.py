@@ -15,6 +15,7 @@ from engines.mla import entropy_weights, uncertainty_fusion, update_projector
 from engines.mmpareto import combine, min_norm_weights, pareto_weights
 from engines.pmr import prototype_distances, rebalance_weights
 from models.late_fusion import LateFusionClassifier
+from tests.test_distributed import assert_identical
 from tests.tiny import TinyModel
 from utils.errors import UserError
 
@@ -251,21 +252,10 @@ def ddp_part(rank: int, world: int, out_dir) -> None:
         torch.save({"model": model.state_dict(), "method": method.state_dict()}, f"{out_dir}/{name}-{rank}.pt")
 
 
-def assert_equal_nested(a, b, where=()):
-    if isinstance(a, dict):
-        assert a.keys() == b.keys(), where
-        for key in a:
-            assert_equal_nested(a[key], b[key], (*where, key))
-    elif torch.is_tensor(a):
-        assert torch.equal(a, b), where
-    else:
-        assert a == b, where
-
-
 def test_two_ddp_ranks_stay_identical(ddp_session):
     tmp_path = ddp_session / "balancing"
     for name in NEW_METHODS:
         ranks = [torch.load(tmp_path / f"{name}-{r}.pt", weights_only=False) for r in range(2)]
-        assert_equal_nested(ranks[0], ranks[1], (name,))
+        assert_identical(ranks[0], ranks[1], (name,))
     pmr_state = torch.load(tmp_path / "pmr-0.pt", weights_only=False)["method"]
     assert set(pmr_state["_extra_state"]["prototypes"]) == {"audio", "visual"}
