@@ -149,10 +149,10 @@ def read_split_clips(split_files, layout):
     return list(dict.fromkeys(clips))
 
 
-def _frames_job(job):
-    clip, video, out_dir, fps, method, decoder_threads = job
+def _run_clip_job(clip, work, *args, **kwargs):
+    """(clip, None) on success, (clip, reason) on failure: one bad file never stops the run."""
     try:
-        extract_frames(video, out_dir, fps=fps, method=method, decoder_threads=decoder_threads)
+        work(*args, **kwargs)
         return clip, None
     except MediaError as error:
         return clip, str(error)
@@ -160,15 +160,16 @@ def _frames_job(job):
         return clip, f"{type(error).__name__}: {error}"
 
 
+def _frames_job(job):
+    clip, video, out_dir, fps, method, decoder_threads = job
+    return _run_clip_job(clip, extract_frames, video, out_dir, fps=fps, method=method,
+                         decoder_threads=decoder_threads)
+
+
 def _audio_job(job):
     clip, video, wav_path, sample_rate, ffmpeg, timeout = job
-    try:
-        extract_audio(video, wav_path, sample_rate=sample_rate, ffmpeg=ffmpeg, timeout=timeout)
-        return clip, None
-    except MediaError as error:
-        return clip, str(error)
-    except Exception as error:
-        return clip, f"{type(error).__name__}: {error}"
+    return _run_clip_job(clip, extract_audio, video, wav_path, sample_rate=sample_rate, ffmpeg=ffmpeg,
+                         timeout=timeout)
 
 
 def _init_worker():

@@ -14,9 +14,8 @@ from engines.metrics import HeadMetrics
 from engines.mla import entropy_weights, uncertainty_fusion, update_projector
 from engines.mmpareto import combine, min_norm_weights, pareto_weights
 from engines.pmr import prototype_distances, rebalance_weights
-from models.late_fusion import LateFusionClassifier
 from tests.test_distributed import assert_identical
-from tests.tiny import TinyModel
+from tests.tiny import TinyModel, tiny_late_fusion
 from utils.errors import UserError
 
 CLASSES, FEATURES, BATCH = 4, 16, 32
@@ -24,9 +23,7 @@ NEW_METHODS = ("g_blending", "pmr", "agm", "mmpareto", "mla")
 
 
 def tiny_model(seed=0):
-    torch.manual_seed(seed)
-    encoders = {m: nn.Sequential(nn.Linear(6, 32), nn.ReLU(), nn.Linear(32, FEATURES)) for m in ("audio", "visual")}
-    return LateFusionClassifier(CLASSES, ("audio", "visual"), "concat", encoders=encoders, feature_dim=FEATURES)
+    return tiny_late_fusion("concat", CLASSES, FEATURES, seed)
 
 
 def tiny_batch(seed=1):

@@ -23,7 +23,7 @@ from engines.engines_logits_com import DiagnosticMeans, train_step
 from engines.methods import method_from_config
 from engines.metrics import HeadMetrics
 from engines.trainer import make_context
-from models.late_fusion import LateFusionClassifier
+from tests.tiny import tiny_late_fusion
 
 CLASSES, FEATURES, BATCH, STEPS = 5, 16, 24, 3
 # (dataset whose defaults we use, released coefficient optimizer: lr, weight decay)
@@ -31,9 +31,7 @@ RECIPES = [("CREMAD", 1e-3, 0.0), ("VGGSound", 1e-3, 0.0), ("MERMULTI", 1e-4, 2e
 
 
 def tiny_model(seed=0):
-    torch.manual_seed(seed)
-    encoders = {m: nn.Sequential(nn.Linear(6, 32), nn.ReLU(), nn.Linear(32, FEATURES)) for m in ("audio", "visual")}
-    return LateFusionClassifier(CLASSES, ("audio", "visual"), "bilinear", encoders=encoders, feature_dim=FEATURES)
+    return tiny_late_fusion("bilinear", CLASSES, FEATURES, seed)
 
 
 def batches(seed=1):

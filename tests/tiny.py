@@ -52,3 +52,13 @@ class TinyModel(nn.Module):
 def loader(dataset, batch_size, shuffle, seed=0):
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, collate_fn=collate_skipping_bad,
                       generator=torch.Generator().manual_seed(seed))
+
+
+def tiny_late_fusion(fusion: str, classes: int, features: int, seed: int = 0, inputs: int = 6):
+    """A LateFusionClassifier with two small MLP encoders on ``inputs``-wide vectors."""
+    from models.late_fusion import LateFusionClassifier
+
+    torch.manual_seed(seed)
+    encoders = {m: nn.Sequential(nn.Linear(inputs, 32), nn.ReLU(), nn.Linear(32, features))
+                for m in ("audio", "visual")}
+    return LateFusionClassifier(classes, ("audio", "visual"), fusion, encoders=encoders, feature_dim=features)
