@@ -1,12 +1,16 @@
 """Training-step cost of OLM (or any method) over joint training, measured alternately in one process.
 
 Every method trains the same architecture from the same initial weights on the same pre-loaded
-batches (AV-Digits defaults unless main.py flags after ``--`` say otherwise); rounds alternate
-the methods so machine noise hits them alike. Prints each method's median step time and its
-ratio to the baseline's; ``--report`` also writes them to a markdown file headed by the
-command, date, CPU model and load (utils/provenance.py). Examples:
+batches (AV-Digits defaults unless main.py flags after ``--`` say otherwise). Each round times
+one block of steps per method, back to back in alternating order, so machine noise (which on
+a shared 2-core VM moves step times by 20% within seconds) hits the methods of one round
+alike; a block spans a whole number of held-out cadences, so every block of a method holds the
+same number of held-out forwards. The figure reported is the median over rounds of each
+round's ratio to the baseline (with its interquartile range), beside the median step times;
+``--report`` also writes them to a markdown file headed by the command, date, CPU model and
+load (utils/provenance.py). Examples:
 
-    OMP_NUM_THREADS=1 python benchmarks/bench_olm_overhead.py --rounds 10 --steps 20
+    python benchmarks/bench_olm_overhead.py --rounds 40
     python benchmarks/bench_olm_overhead.py --methods olm ogm_ge fusion_only \\
         --report docs/results/bench-step-time.md -- --heldout-every 8
 """
@@ -27,8 +31,10 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--baseline", default="joint", help="method every other one is divided by")
     parser.add_argument("--methods", nargs="+", default=["olm"], help="methods timed against the baseline")
-    parser.add_argument("--rounds", type=int, default=10, help="alternating rounds per method")
-    parser.add_argument("--steps", type=int, default=20, help="training steps timed per round")
+    parser.add_argument("--rounds", type=int, default=40, help="alternating rounds per method")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="training steps per method and round (default: twice --heldout-every); "
+                             "a multiple of --heldout-every keeps the held-out forwards per block equal")
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps per method first")
     parser.add_argument("--report", help="also write the figures to this markdown file (e.g. "
                                          "docs/results/bench-step-time.md)")
@@ -36,7 +42,7 @@ def parse_args(argv=None):
                         help="main.py flags after '--' (e.g. -- --dataset AVDigits --heldout-every 2)")
     args = parser.parse_args(argv)
     for name in ("rounds", "steps"):
-        if getattr(args, name) < 1:
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             parser.error(f"--{name} must be at least 1")
     return args
 
@@ -56,14 +62,24 @@ def build(cfg, method_name, data, device):
     return model, method, make_context(cfg, model, method, device), loaders
 
 
-def render(cfg, device, threads, names, baseline, times, medians, steps) -> str:
-    lines = [f"Median training-step time per method over {len(times[baseline])} alternating rounds of "
-             f"{steps} steps; {cfg.dataset} defaults: encoder {cfg.encoder}, batch {cfg.batch_size}, "
+def quartiles(values) -> tuple[float, float, float]:
+    q1, median, q3 = statistics.quantiles(values, n=4) if len(values) > 1 else [values[0]] * 3
+    return q1, median, q3
+
+
+def render(cfg, device, threads, names, baseline, times, steps) -> str:
+    rounds = len(times[baseline])
+    lines = [f"{rounds} rounds; in each, every method trains a block of {steps} steps, back to back in "
+             f"alternating order. {cfg.dataset} defaults: encoder {cfg.encoder}, batch {cfg.batch_size}, "
              f"held-out batch {cfg.heldout_batch_size} every {cfg.heldout_every} step(s) "
-             f"({cfg.heldout_norm} statistics); device {device}, torch threads {threads}.", "",
+             f"({cfg.heldout_norm} statistics); device {device}, torch threads {threads}. "
+             f"'over {baseline}' is the median over rounds of the round's step-time ratio "
+             "(interquartile range in brackets).", "",
              f"| method | median step (ms) | over {baseline} |", "|---|---|---|"]
     for name in names:
-        lines.append(f"| {name} | {medians[name] * 1000:.1f} | {medians[name] / medians[baseline]:.3f} |")
+        q1, median, q3 = quartiles([t / b for t, b in zip(times[name], times[baseline])])
+        lines.append(f"| {name} | {statistics.median(times[name]) * 1000:.1f} | "
+                     f"{median:.3f} [{q1:.3f}, {q3:.3f}] |")
     return "\n".join(lines) + "\n"
 
 
@@ -82,13 +98,17 @@ def main(argv=None) -> None:
     device = resolve_device(cfg.device)
     if device.type == "cpu" and cfg.cpu_threads > 0:
         torch.set_num_threads(cfg.cpu_threads)  # as main.py does (AV-Digits: one thread)
+    steps_per_block = args.steps or 2 * cfg.heldout_every
+    if steps_per_block % cfg.heldout_every:
+        print(f"warning: --steps {steps_per_block} is not a multiple of --heldout-every {cfg.heldout_every}; "
+              "blocks will hold different numbers of held-out forwards", file=sys.stderr)
     data = build_data(cfg, get_dataset_spec(cfg.dataset))
     names = list(dict.fromkeys([args.baseline, *args.methods]))
     runs = {name: build(cfg, name, data, device) for name in names}
     # Pre-loaded training and held-out batches, so data loading (done by loader workers in a
     # real run) is not part of the step time.
-    batches = [b for _, b in zip(range(args.steps), runs[args.baseline][3].train)]
-    heldout = {name: itertools.cycle([b for _, b in zip(range(args.steps), cycle(run[3].heldout))])
+    batches = [b for _, b in zip(range(steps_per_block), runs[args.baseline][3].train)]
+    heldout = {name: itertools.cycle([b for _, b in zip(range(steps_per_block), cycle(run[3].heldout))])
                if run[3].heldout is not None else None for name, run in runs.items()}
     times = {name: [] for name in names}
 
@@ -107,13 +127,12 @@ def main(argv=None) -> None:
         # Alternate the order too, so neither method always runs right after the other.
         for name in names if round_ % 2 == 0 else reversed(names):
             began = time.perf_counter()
-            steps(name, args.steps)
-            times[name].append((time.perf_counter() - began) / args.steps)
-    medians = {name: statistics.median(values) for name, values in times.items()}
+            steps(name, steps_per_block)
+            times[name].append((time.perf_counter() - began) / steps_per_block)
     for name in names:
-        print(f"{name:14s} median step {medians[name] * 1000:8.1f} ms  (rounds: "
+        print(f"{name:14s} median step {statistics.median(times[name]) * 1000:8.1f} ms  (rounds: "
               + ", ".join(f"{t * 1000:.0f}" for t in times[name]) + ")")
-    body = render(cfg, device, torch.get_num_threads(), names, args.baseline, times, medians, args.steps)
+    body = render(cfg, device, torch.get_num_threads(), names, args.baseline, times, steps_per_block)
     print(body)
     if args.report:
         from utils.provenance import write_report

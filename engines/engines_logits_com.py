@@ -134,15 +134,16 @@ class DiagnosticMeans:
         self.counts: dict[str, int] = defaultdict(int)
 
     def add(self, values: Mapping[str, torch.Tensor]) -> None:
+        # Sums stay on the values' device: a per-step copy to the host would synchronize a GPU.
         for key, value in values.items():
-            value = value.detach().float().cpu()
+            value = value.detach().float()
             self.sums[key] = self.sums[key] + value if key in self.sums else value.clone()
             self.counts[key] += 1
 
     def means(self, heads) -> dict:
         result = {}
         for key, total in self.sums.items():
-            mean = total / self.counts[key]
+            mean = total.cpu() / self.counts[key]
             result[key] = dict(zip(heads, mean.tolist())) if mean.dim() == 1 else float(mean)
         return result
 
