@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from datasets.audio import write_wav
 from utils.atomic_dir import build_folder_atomically
 from utils.errors import UserError
 
@@ -220,7 +221,6 @@ def read_marker(root: Path):
 def build_into(folder: Path, params: dict, clips: list, fingerprint: str, skipped: int):
     """Write the whole dataset into an empty folder (no atomicity here)."""
     import cv2
-    import soundfile as sf
     from sklearn.datasets import load_digits
     from tqdm import tqdm
 
@@ -252,8 +252,7 @@ def build_into(folder: Path, params: dict, clips: list, fingerprint: str, skippe
         clip = pool[int(rng.integers(len(pool)))]
         snr_db = None if snr_range is None else float(rng.uniform(*snr_range))
         name = f"avd_{index:04d}"
-        sf.write(str(folder / "audio" / f"{name}.wav"), render_audio(clip["samples"], rng, snr_db),
-                 SAMPLE_RATE, subtype="PCM_16")
+        write_wav(folder / "audio" / f"{name}.wav", render_audio(clip["samples"], rng, snr_db), SAMPLE_RATE)
         clip_frames = frames_root / name
         clip_frames.mkdir()
         views = render_frames(images[index], rng, params["visual_noise_std"],
