@@ -69,7 +69,7 @@ def register_dataset(spec: DatasetSpec) -> DatasetSpec:
 # epoch's time) keep the main job near 3 minutes on the slowest 2-core machine; a held-out
 # batch of 16 every 16 steps keeps OLM's step within 1.05x joint's (bench_olm_overhead.py:
 # one held-out forward costs about a third of a training step, and OLM's other per-step work
-# about 1%, so every 8 steps measured 1.05-1.08x).
+# about 1%, so every 8 steps measured 1.07x).
 register_dataset(DatasetSpec(
     "AVDigits", "datasets.builders:build_avdigits", classes=10,
     defaults=dict(fusion="concat", encoder="small_cnn", batch_size=16, epochs=10, lr=1e-3,

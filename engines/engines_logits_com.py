@@ -194,7 +194,7 @@ def train_step(model, method: Method, batch, heldout_iter, ctx: StepContext, met
     if coefficients:
         heldout = None
         if method.needs_heldout:
-            if ctx.step % ctx.heldout_every == 0 or not ctx.heldout_cache:
+            if ctx.step % ctx.heldout_every == 0 or not ctx.heldout_cache or method.heldout_due():
                 ctx.heldout_cache = heldout_losses(model, method, next_readable(heldout_iter, ctx), ctx)
             heldout = ctx.heldout_cache
         coefficient_loss = method.coefficient_loss(logits, train_reduced, heldout)

@@ -80,6 +80,10 @@ class Method(nn.Module):
     def coefficient_parameters(self) -> list[nn.Parameter]:
         return []
 
+    def heldout_due(self) -> bool:
+        """Does this step need fresh held-out losses whatever ``--heldout-every`` says?"""
+        return False
+
     def coefficient_loss(self, logits, train_losses, heldout_losses=None) -> torch.Tensor | None:
         return None
 
@@ -112,6 +116,12 @@ class OLM(Method):
 
     def coefficient_parameters(self):
         return [self.modulator.coefficients]
+
+    def heldout_due(self):
+        # The reference window's tail is measured on a fresh held-out batch every step: every
+        # later G is a difference from it, so its noise would bias G for the whole run, while
+        # the noise of the losses reused between passes averages out over the steps.
+        return self.needs_heldout and self.modulator.in_reference_tail
 
     def coefficient_loss(self, logits, train_losses, heldout_losses=None):
         return self.modulator.norm_loss(logits, train_losses, heldout_losses)

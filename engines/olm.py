@@ -127,6 +127,14 @@ class LogitModulator(nn.Module):
     def collecting_reference(self) -> bool:
         return int(self.reference_count) < self.reference_steps
 
+    @property
+    def in_reference_tail(self) -> bool:
+        """Will the next ``norm_loss`` call be averaged into the reference losses? A loop that
+        reuses held-out losses between passes should measure fresh ones for these calls: the
+        reference is what every later G is measured against."""
+        count = int(self.reference_count)
+        return self.reference_steps - self.reference_tail <= count < self.reference_steps
+
     def coefficient(self, head: str) -> torch.Tensor:
         return self.coefficients[self.heads.index(head)]
 

@@ -19,11 +19,20 @@ def olm_cache(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def tiny_avdigits(olm_cache, tmp_path_factory):
-    """A trimmed AV-Digits (32 train, 16 val, 16 test clips) for --data-root, built once."""
-    from tests.scaling_fixtures import full_avdigits, tiny_avdigits as trim
+def avdigits_default(olm_cache):
+    """AV-Digits with the default knobs, materialized once per session (tests must not
+    rebuild it in place)."""
+    from tests.scaling_fixtures import full_avdigits
 
-    return trim(full_avdigits(olm_cache), tmp_path_factory.mktemp("tiny-session") / "AVDigits")
+    return full_avdigits(olm_cache)
+
+
+@pytest.fixture(scope="session")
+def tiny_avdigits(avdigits_default, tmp_path_factory):
+    """A trimmed AV-Digits (32 train, 16 val, 16 test clips) for --data-root, built once."""
+    from tests.scaling_fixtures import tiny_avdigits as trim
+
+    return trim(avdigits_default, tmp_path_factory.mktemp("tiny-session") / "AVDigits")
 
 
 @pytest.fixture(scope="session")

@@ -13,12 +13,13 @@ from datasets import avdigits
 from datasets.avdigits import AVDigitsError, materialize, params_key
 
 NUM_IMAGES = 1797
-SMALL = dict(image_size=16, frames_per_clip=2)      # keeps every build to a few seconds
+SMALL = dict(image_size=16, frames_per_clip=2)      # cheaper rebuilds, and knobs that show
 
 
 @pytest.fixture(scope="module")
-def built(tmp_path_factory):
-    return materialize(tmp_path_factory.mktemp("avd") / "AVDigits", **SMALL)
+def built(avdigits_default):
+    """The session's default build (tests/conftest.py): every full build costs seconds."""
+    return avdigits_default
 
 
 def read_split_file(root, name):
@@ -41,10 +42,10 @@ def test_layout_matches_the_real_audio_visual_datasets(built):
     assert rate == 16000 and samples.ndim == 1 and len(samples) == 16000
     assert sf.info(str(built / "audio" / f"{clip}.wav")).subtype == "PCM_16"
     frames = sorted(p.name for p in (built / "Image-01-FPS" / clip).iterdir())
-    assert frames == ["00000.jpg", "00001.jpg"]
+    assert frames == ["00000.jpg", "00001.jpg", "00002.jpg"]
     import cv2
     image = cv2.imread(str(built / "Image-01-FPS" / clip / "00000.jpg"), cv2.IMREAD_UNCHANGED)
-    assert image.shape == (16, 16, 3)
+    assert image.shape == (32, 32, 3)
     assert len(list((built / "audio").iterdir())) == NUM_IMAGES
 
 
@@ -82,24 +83,41 @@ def test_second_call_with_same_knobs_touches_nothing(built):
                built / "Image-01-FPS" / "avd_0000" / "00000.jpg", built / ".materialized.json"]
     before = [p.stat().st_mtime_ns for p in watched]
     started = time.perf_counter()
-    assert materialize(built, **SMALL) == built
+    assert materialize(built) == built
     assert time.perf_counter() - started < 1.0
     assert [p.stat().st_mtime_ns for p in watched] == before
 
 
-def test_same_seed_is_byte_identical_and_a_changed_knob_rebuilds(built, tmp_path):
-    twin = materialize(tmp_path / "twin", **SMALL)
+# One twin covers determinism, rebuilding on changed knobs and skipping a corrupt clip: each
+# full build costs seconds, so the cases share builds.
+def test_same_seed_is_byte_identical_and_a_changed_knob_rebuilds_skipping_corrupt_clips(built, tmp_path, caplog):
+    twin = materialize(tmp_path / "twin")
     for index in (0, 1, 900, NUM_IMAGES - 1):
         name = f"avd_{index:04d}.wav"
         assert (twin / "audio" / name).read_bytes() == (built / "audio" / name).read_bytes()
+        frame = f"Image-01-FPS/avd_{index:04d}/00002.jpg"
+        assert (twin / frame).read_bytes() == (built / frame).read_bytes()
     assert (twin / "meta.csv").read_bytes() == (built / "meta.csv").read_bytes()
 
+    # Changed knobs (and changed assets: one clip no longer decodes) rebuild in place.
+    assets = tmp_path / "assets"
+    shutil.copytree(avdigits.ASSETS_DIR / "clips", assets / "clips")
+    shutil.copy(avdigits.ASSETS_DIR / "clips.csv", assets / "clips.csv")
+    victim = sorted((assets / "clips").iterdir())[0]
+    victim.write_bytes(b"not a flac file")
     old_wav = (twin / "audio" / "avd_0003.wav").read_bytes()
-    assert materialize(twin, audio_snr_db=(15.0, 20.0), **SMALL) == twin
+    with caplog.at_level(logging.WARNING, logger="datasets.avdigits"):
+        assert materialize(twin, audio_snr_db=(15.0, 20.0), assets_dir=assets, **SMALL) == twin
     assert (twin / "audio" / "avd_0003.wav").read_bytes() != old_wav
     assert all(15.0 <= float(row["snr_db"]) <= 20.0 for row in read_meta(twin))
-    assert avdigits.read_marker(twin)["params"]["audio_snr_db"] == [15.0, 20.0]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["twin"]   # no staging left over
+    marker = avdigits.read_marker(twin)
+    assert marker["params"]["audio_snr_db"] == [15.0, 20.0]
+    assert sorted(p.name for p in (twin / "Image-01-FPS" / "avd_0000").iterdir()) == ["00000.jpg", "00001.jpg"]
+    import cv2
+    assert cv2.imread(str(twin / "Image-01-FPS" / "avd_0000" / "00000.jpg")).shape == (16, 16, 3)
+    assert marker["skipped_clips"] == 1 and "skipped 1" in caplog.text
+    assert victim.name not in (twin / "meta.csv").read_text()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["assets", "twin"]   # no staging left over
 
 
 def test_params_key_is_stable_and_tracks_every_knob():
@@ -134,19 +152,6 @@ def test_refuses_to_replace_a_folder_it_did_not_write(tmp_path):
     with pytest.raises(AVDigitsError, match="refusing to replace"):
         materialize(foreign, **SMALL)
     assert (foreign / "precious.txt").read_text() == "keep me"
-
-
-def test_corrupt_clip_is_skipped_and_counted(tmp_path, caplog):
-    assets = tmp_path / "assets"
-    shutil.copytree(avdigits.ASSETS_DIR / "clips", assets / "clips")
-    shutil.copy(avdigits.ASSETS_DIR / "clips.csv", assets / "clips.csv")
-    victim = sorted((assets / "clips").iterdir())[0]
-    victim.write_bytes(b"not a flac file")
-    with caplog.at_level(logging.WARNING, logger="datasets.avdigits"):
-        root = materialize(tmp_path / "out", assets_dir=assets, **SMALL)
-    assert avdigits.read_marker(root)["skipped_clips"] == 1
-    assert "skipped 1" in caplog.text
-    assert victim.name not in (root / "meta.csv").read_text()
 
 
 @pytest.mark.parametrize("snr_db", [-10.0, 0.0, 10.0])

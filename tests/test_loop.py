@@ -124,6 +124,25 @@ def test_heldout_every_k_reuses_losses_between_passes():
     assert ctx.step == 6 and len(heldout_batches) == 2  # steps 0 and 3
 
 
+def test_reference_tail_draws_a_fresh_heldout_batch_every_step():
+    torch.manual_seed(0)
+    model = TinyModel()
+    # Reference window of 6 steps, its last 2 averaged into L0; the cadence alone would draw
+    # once (step 0) in these 8 steps.
+    method = build_method("olm", model.heads, reference_steps=6, reference_tail=2)
+    ctx = context(model, method, heldout_every=100)
+    drawn_at = []
+
+    def counting(iterator):
+        for batch in iterator:
+            drawn_at.append(ctx.step)
+            yield batch
+
+    train_one_epoch(model, method, loader(IndexedDataset(64), 8, True), counting(cycle(loader(IndexedDataset(16), 4, True))), ctx, 1)
+    assert ctx.step == 8 and drawn_at == [0, 4, 5]
+    assert not method.modulator.collecting_reference and not method.heldout_due()
+
+
 def test_joint_keeps_coefficients_at_one_and_draws_no_heldout():
     model = TinyModel()
     method = build_method("joint", model.heads)
