@@ -253,8 +253,9 @@ HELP = {
     "lr_step": "multiply the network learning rate by --lr-gamma every N epochs (StepLR); 0 keeps it constant",
     "lr_gamma": "factor applied to the learning rate every --lr-step epochs",
     "target_scale": "OLM rate-target scale: reference (ratios sum to 1, released) or mean (ratios average 1)",
-    "reference_steps": "training steps averaged into OLM's reference losses L0 (0: one epoch of steps)",
-    "heldout_every": "run OLM's held-out forward every N training steps (losses reused in between)",
+    "reference_steps": "training steps in OLM's reference window (0: one epoch of steps)",
+    "heldout_every": "run OLM's held-out forward every N training steps (losses reused in between; every step "
+                     "of the reference window's tail, see --reference-tail)",
     "heldout_batch_size": "batch of OLM's held-out forward in samples, drawn from the val split",
     "reference_tail": "share (0-1] of OLM's reference window, its last part, averaged into the reference "
                       "losses L0 (1: the whole window's mean)",
