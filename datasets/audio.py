@@ -72,5 +72,12 @@ def log_spectrogram(samples: np.ndarray, recipe: AudioRecipe) -> np.ndarray:
     return spec[:, :recipe.num_frames].astype(np.float32)
 
 
+def warm_up(recipe: AudioRecipe) -> None:
+    """Run the STFT once on silence: librosa imports numba and scipy on first use (about 2 s).
+    Done in the process that starts the DataLoader workers, forked workers inherit all of
+    it instead of each paying for it again."""
+    log_spectrogram(np.zeros(recipe.n_fft * 2, dtype=np.float32), recipe)
+
+
 def wav_to_spectrogram(path, recipe: AudioRecipe) -> np.ndarray:
     return log_spectrogram(load_waveform(path, recipe), recipe)

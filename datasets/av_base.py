@@ -16,7 +16,7 @@ import torch
 from torch.utils.data import Dataset, default_collate
 from torchvision.transforms import v2
 
-from datasets.audio import AudioRecipe, wav_to_spectrogram
+from datasets.audio import AudioRecipe, warm_up, wav_to_spectrogram
 from utils.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -160,6 +160,13 @@ class AVClipDataset(Dataset):
     @property
     def labels(self) -> list[int]:
         return [c.label for c in self.clips]
+
+    def prepare_for_workers(self) -> None:
+        """Called where the loader workers will be started: when spectrograms still have to be
+        computed (judged by the first clip's cache entry), load the decoding libraries here."""
+        has = getattr(self.spectrogram_fn, "has", None)
+        if self.clips and not (has and has(self.clips[0].audio_path, self.audio)):
+            warm_up(self.audio)
 
     def load_frames(self, clip: AVClip) -> torch.Tensor:
         frames = list_frames(clip.frame_dir)

@@ -53,6 +53,8 @@ DEFAULT_VISUAL_OCCLUSION = 0.0
 DEFAULT_FRAMES_PER_CLIP = 3
 DEFAULT_IMAGE_SIZE = 32
 DEFAULT_SPLIT = (0.7, 0.15, 0.15)
+NUM_IMAGES = 1797   # scikit-learn's digits
+MIN_IMAGES = 100    # a stratified subset (images=N) keeps every class in every split
 
 logger = logging.getLogger(__name__)
 
@@ -65,7 +67,7 @@ def resolve_params(seed=DEFAULT_SEED, audio_snr_db=DEFAULT_AUDIO_SNR_DB,
                    visual_noise_std=DEFAULT_VISUAL_NOISE_STD,
                    visual_occlusion=DEFAULT_VISUAL_OCCLUSION,
                    frames_per_clip=DEFAULT_FRAMES_PER_CLIP,
-                   image_size=DEFAULT_IMAGE_SIZE, split=DEFAULT_SPLIT) -> dict:
+                   image_size=DEFAULT_IMAGE_SIZE, split=DEFAULT_SPLIT, images=None) -> dict:
     """Validate the knobs and return them as plain JSON types (audio_snr_db None = clean)."""
     def check(knob, value, wanted, predicate):
         try:
@@ -89,11 +91,16 @@ def resolve_params(seed=DEFAULT_SEED, audio_snr_db=DEFAULT_AUDIO_SNR_DB,
           lambda v: int(v) == v and v >= NATIVE_SIZE)
     check("split", split, "three positive fractions (train, val, test) summing to 1",
           lambda v: len(v) == 3 and min(v) > 0 and abs(sum(v) - 1) < 1e-6)
-    return {"seed": int(seed), "audio_snr_db": audio_snr_db,
-            "visual_noise_std": float(visual_noise_std),
-            "visual_occlusion": float(visual_occlusion),
-            "frames_per_clip": int(frames_per_clip), "image_size": int(image_size),
-            "split": [float(f) for f in split]}
+    params = {"seed": int(seed), "audio_snr_db": audio_snr_db,
+              "visual_noise_std": float(visual_noise_std),
+              "visual_occlusion": float(visual_occlusion),
+              "frames_per_clip": int(frames_per_clip), "image_size": int(image_size),
+              "split": [float(f) for f in split]}
+    if images is not None:  # absent by default, so the full set's cache key stays as it was
+        check("images", images, f"None or an integer from {MIN_IMAGES} to {NUM_IMAGES}",
+              lambda v: int(v) == v and MIN_IMAGES <= v <= NUM_IMAGES)
+        params["images"] = int(images)
+    return params
 
 
 def params_key(**params) -> str:
@@ -164,6 +171,17 @@ def partition_voices(voices, split, seed: int) -> dict:
     return dict(zip(voices, groups))
 
 
+def subset_indices(labels, images: int | None, seed: int) -> np.ndarray:
+    """Indices of the images to build: all of them, or a stratified, seeded subset of ``images``."""
+    indices = np.arange(len(labels))
+    if images is None or images >= len(labels):
+        return indices
+    from sklearn.model_selection import train_test_split
+
+    kept, _ = train_test_split(indices, train_size=images, stratify=labels, random_state=seed)
+    return np.sort(kept)
+
+
 def assign_image_splits(labels, split, seed: int):
     """Stratified, seeded split of image indices: returns one split name per image."""
     from sklearn.model_selection import train_test_split
@@ -227,7 +245,8 @@ def build_into(folder: Path, params: dict, clips: list, fingerprint: str, skippe
     digits = load_digits()
     images, labels = digits.images, digits.target
     seed, snr_range = params["seed"], params["audio_snr_db"]
-    image_splits = assign_image_splits(labels, params["split"], seed)
+    kept = subset_indices(labels, params.get("images"), seed)
+    image_splits = dict(zip(kept, assign_image_splits(labels[kept], params["split"], seed)))
     voice_split = partition_voices([c["voice"] for c in clips], params["split"], seed)
     pools = {}
     for clip in clips:
@@ -243,7 +262,7 @@ def build_into(folder: Path, params: dict, clips: list, fingerprint: str, skippe
     frames_root.mkdir()
     split_lines = {name: [] for name in SPLIT_NAMES}
     meta_rows = []
-    for index in tqdm(range(len(images)), desc="materializing AV-Digits", unit="sample"):
+    for index in tqdm(kept, desc="materializing AV-Digits", unit="sample"):
         # One generator per sample keeps each sample independent of the others' order.
         rng = np.random.default_rng([seed, 2, index])
         label = CLASS_NAMES[labels[index]]
@@ -289,7 +308,7 @@ def materialize(root, *, seed=DEFAULT_SEED, audio_snr_db=DEFAULT_AUDIO_SNR_DB,
                 visual_noise_std=DEFAULT_VISUAL_NOISE_STD,
                 visual_occlusion=DEFAULT_VISUAL_OCCLUSION,
                 frames_per_clip=DEFAULT_FRAMES_PER_CLIP, image_size=DEFAULT_IMAGE_SIZE,
-                split=DEFAULT_SPLIT, force=False, assets_dir=None) -> Path:
+                split=DEFAULT_SPLIT, images=None, force=False, assets_dir=None) -> Path:
     """Build AV-Digits into `root` once; later calls with the same knobs return at once.
 
     audio_snr_db: (low, high) dB range of the per-sample SNR, or None for clean audio.
@@ -297,12 +316,14 @@ def materialize(root, *, seed=DEFAULT_SEED, audio_snr_db=DEFAULT_AUDIO_SNR_DB,
     visual_occlusion: side of a random blanked square as a fraction of the image side.
     frames_per_clip, image_size: frames per sample and their side in pixels.
     split: (train, val, test) fractions for both the images and the voices.
+    images: build a stratified, seeded subset of this many of the 1,797 images (None: all),
+    for quick experiments and tests.
     Different knobs, changed assets or force=True rebuild: the new copy is built in a
     hidden sibling folder and swapped in by rename, so `root` is never half-written.
     A non-empty `root` not made by this function is refused.
     """
     params = resolve_params(seed, audio_snr_db, visual_noise_std, visual_occlusion,
-                            frames_per_clip, image_size, split)
+                            frames_per_clip, image_size, split, images)
     root = Path(root).expanduser()
     assets_dir = ASSETS_DIR if assets_dir is None else Path(assets_dir)
     fingerprint, rows = read_assets(assets_dir)

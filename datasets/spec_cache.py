@@ -67,6 +67,10 @@ class SpectrogramCache:
             self.write(entry, spectrogram, stamp)
         return spectrogram
 
+    def has(self, wav_path, recipe: AudioRecipe) -> bool:
+        """Is there an entry for this clip (stale or not)? A cheap check, no read."""
+        return self.entry_path(wav_path, recipe).is_file()
+
     @staticmethod
     def read(entry: Path, stamp: np.ndarray) -> np.ndarray | None:
         try:

@@ -6,7 +6,21 @@ from typing import Mapping
 
 import numpy as np
 import torch
-from sklearn.metrics import f1_score
+
+
+def f1_scores(labels: np.ndarray, predictions: np.ndarray) -> tuple[float, float]:
+    """Macro and support-weighted F1 over the classes present in ``labels`` or ``predictions``,
+    0 for a class never predicted correctly: scikit-learn's ``f1_score(average="macro" |
+    "weighted", zero_division=0)`` (tests/test_guards.py checks the two agree), computed here
+    because importing scikit-learn costs every training process about a second."""
+    classes, indices = np.unique(np.concatenate([labels, predictions]), return_inverse=True)
+    truth, guess = indices[:labels.size], indices[labels.size:]
+    true_positives = np.bincount(truth[truth == guess], minlength=classes.size)
+    support = np.bincount(truth, minlength=classes.size)
+    predicted = np.bincount(guess, minlength=classes.size)
+    # F1 = 2 TP / (2 TP + FP + FN) = 2 TP / (support + predicted); never 0/0 for these classes.
+    per_class = 2 * true_positives / (support + predicted)
+    return float(per_class.mean()), float((per_class * support).sum() / support.sum())
 
 
 class HeadMetrics:
@@ -57,13 +71,13 @@ class HeadMetrics:
         result = {}
         for head in self.heads:
             pred = predictions[head]
+            macro, weighted = f1_scores(labels, pred) if labels.size else (0.0, 0.0)
             result[head] = {
                 "loss": loss_sums[head] / max(count, 1),
                 "acc": float((pred == labels).mean()) if labels.size else 0.0,
-                "f1": float(f1_score(labels, pred, average="macro", zero_division=0)) if labels.size else 0.0,
+                "f1": macro,
                 # MER2023's emotion metric (class-frequency weighted F1); main_trans.py selects on it
-                "f1_weighted": (float(f1_score(labels, pred, average="weighted", zero_division=0))
-                                if labels.size else 0.0),
+                "f1_weighted": weighted,
                 "norm": norm_sums[head] / max(count, 1),
             }
             if head in modulated_sums:

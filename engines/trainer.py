@@ -54,6 +54,13 @@ def make_loaders(cfg: Config, data, device: torch.device, need_heldout: bool) ->
     for split in ("train", "val", "test"):
         if len(getattr(data, split)) == 0:
             raise UserError(f"the {split} split is empty; check --data-root and the split files")
+    if cfg.workers > 0:
+        # Whatever a dataset imports here, forked workers inherit (rather than each importing
+        # it again, every epoch for the training loader).
+        for split in ("train", "val", "test"):
+            prepare = getattr(getattr(data, split), "prepare_for_workers", None)
+            if prepare is not None:
+                prepare()
     world = distributed.world_size()
     train_batch = per_rank_batch(cfg.batch_size, "--batch-size")
     generators = {"train": loader_generator(cfg.seed), "heldout": loader_generator(cfg.seed + 1)}

@@ -33,5 +33,9 @@ def worker(rank: int, store: str, out_dir: str) -> None:
 def run_session(out_dir: Path) -> Path:
     import torch.multiprocessing as mp
 
-    mp.spawn(worker, args=(str(out_dir / "store"), str(out_dir)), nprocs=WORLD, join=True)
+    # Forked, not spawned: the ranks inherit the test process's imports (torch and the test
+    # modules), which spawned ranks would each repeat for seconds. CPU only (gloo), so fork is
+    # safe here; torchrun's own start-up is covered by test_distributed's subprocess test.
+    mp.start_processes(worker, args=(str(out_dir / "store"), str(out_dir)), nprocs=WORLD, join=True,
+                       start_method="fork")
     return out_dir

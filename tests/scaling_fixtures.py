@@ -13,9 +13,11 @@ from torch import nn
 from torch.utils.data import Dataset
 
 REPO = Path(__file__).resolve().parents[1]
-# Small inputs keep a step of the two ResNet18s well under a second on a CPU.
+# Small inputs keep a step well under a second on a CPU. Loading in-process (--workers 0)
+# saves forking the test process for every loader; the tests of loader workers (resume,
+# torchrun, spectrogram cache) ask for them.
 TINY_FLAGS = ["--image-size", "16", "--spec-frames", "16", "--n-fft", "62", "--batch-size", "8",
-              "--heldout-batch-size", "8", "--no-progress", "--no-plots", "--device", "cpu"]
+              "--heldout-batch-size", "8", "--no-progress", "--no-plots", "--device", "cpu", "--workers", "0"]
 
 
 def full_avdigits(cache: Path) -> Path:

@@ -13,7 +13,8 @@ from datasets import avdigits
 from datasets.avdigits import AVDigitsError, materialize, params_key
 
 NUM_IMAGES = 1797
-SMALL = dict(image_size=16, frames_per_clip=2)      # cheaper rebuilds, and knobs that show
+SMALL = dict(image_size=16, frames_per_clip=2)      # knobs that show in the files
+SUBSET = dict(images=120, **SMALL)                   # a build in well under a second
 
 
 @pytest.fixture(scope="module")
@@ -88,16 +89,26 @@ def test_second_call_with_same_knobs_touches_nothing(built):
     assert [p.stat().st_mtime_ns for p in watched] == before
 
 
-# One twin covers determinism, rebuilding on changed knobs and skipping a corrupt clip: each
-# full build costs seconds, so the cases share builds.
-def test_same_seed_is_byte_identical_and_a_changed_knob_rebuilds_skipping_corrupt_clips(built, tmp_path, caplog):
-    twin = materialize(tmp_path / "twin")
-    for index in (0, 1, 900, NUM_IMAGES - 1):
-        name = f"avd_{index:04d}.wav"
-        assert (twin / "audio" / name).read_bytes() == (built / "audio" / name).read_bytes()
-        frame = f"Image-01-FPS/avd_{index:04d}/00002.jpg"
-        assert (twin / frame).read_bytes() == (built / frame).read_bytes()
-    assert (twin / "meta.csv").read_bytes() == (built / "meta.csv").read_bytes()
+def files_of(root):
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
+
+
+# Determinism, the images subset, rebuilding on changed knobs and skipping a corrupt clip, on
+# 120-image subsets: a full build costs seconds, and the session's full build is checked above.
+def test_same_seed_is_byte_identical_and_a_changed_knob_rebuilds_skipping_corrupt_clips(tmp_path, caplog):
+    first = materialize(tmp_path / "first", **SUBSET)
+    twin = materialize(tmp_path / "twin", **SUBSET)
+    assert files_of(first) == files_of(twin)
+    for name in files_of(first):  # every wav, frame, split file, meta.csv and the marker
+        assert (first / name).read_bytes() == (twin / name).read_bytes(), name
+    # The subset is stratified: every class in every split; knobs show in the files.
+    assert len(list((first / "audio").iterdir())) == SUBSET["images"]
+    for name in avdigits.SPLIT_NAMES:
+        assert {label for _, label in read_split_file(first, name)} == set(avdigits.CLASS_NAMES), name
+    import cv2
+    some_clip = read_split_file(first, "train")[0][0]
+    assert sorted(p.name for p in (first / "Image-01-FPS" / some_clip).iterdir()) == ["00000.jpg", "00001.jpg"]
+    assert cv2.imread(str(first / "Image-01-FPS" / some_clip / "00001.jpg")).shape == (16, 16, 3)
 
     # Changed knobs (and changed assets: one clip no longer decodes) rebuild in place.
     assets = tmp_path / "assets"
@@ -105,19 +116,16 @@ def test_same_seed_is_byte_identical_and_a_changed_knob_rebuilds_skipping_corrup
     shutil.copy(avdigits.ASSETS_DIR / "clips.csv", assets / "clips.csv")
     victim = sorted((assets / "clips").iterdir())[0]
     victim.write_bytes(b"not a flac file")
-    old_wav = (twin / "audio" / "avd_0003.wav").read_bytes()
+    old_wav = (twin / "audio" / f"{some_clip}.wav").read_bytes()
     with caplog.at_level(logging.WARNING, logger="datasets.avdigits"):
-        assert materialize(twin, audio_snr_db=(15.0, 20.0), assets_dir=assets, **SMALL) == twin
-    assert (twin / "audio" / "avd_0003.wav").read_bytes() != old_wav
+        assert materialize(twin, **{**SUBSET, "audio_snr_db": (15.0, 20.0)}, assets_dir=assets) == twin
+    assert (twin / "audio" / f"{some_clip}.wav").read_bytes() != old_wav
     assert all(15.0 <= float(row["snr_db"]) <= 20.0 for row in read_meta(twin))
     marker = avdigits.read_marker(twin)
-    assert marker["params"]["audio_snr_db"] == [15.0, 20.0]
-    assert sorted(p.name for p in (twin / "Image-01-FPS" / "avd_0000").iterdir()) == ["00000.jpg", "00001.jpg"]
-    import cv2
-    assert cv2.imread(str(twin / "Image-01-FPS" / "avd_0000" / "00000.jpg")).shape == (16, 16, 3)
+    assert marker["params"]["audio_snr_db"] == [15.0, 20.0] and marker["params"]["images"] == SUBSET["images"]
     assert marker["skipped_clips"] == 1 and "skipped 1" in caplog.text
     assert victim.name not in (twin / "meta.csv").read_text()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["assets", "twin"]   # no staging left over
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["assets", "first", "twin"]   # no staging left over
 
 
 def test_params_key_is_stable_and_tracks_every_knob():
@@ -125,6 +133,7 @@ def test_params_key_is_stable_and_tracks_every_knob():
     assert params_key(seed=1) != params_key()
     assert params_key(visual_noise_std=0.1) != params_key()
     assert params_key(split=(0.8, 0.1, 0.1)) != params_key()
+    assert params_key(images=500) != params_key() == params_key(images=None)
     assert len(params_key()) == 10
 
 
@@ -133,6 +142,8 @@ def test_params_key_is_stable_and_tracks_every_knob():
     (dict(visual_occlusion=1.0), "visual_occlusion"),
     (dict(frames_per_clip=0), "frames_per_clip"),
     (dict(split=(0.5, 0.5, 0.5)), "split"),
+    (dict(images=50), "images"),
+    (dict(images=2000), "images"),
 ])
 def test_bad_knobs_fail_with_a_sentence_naming_them(knobs, flag, tmp_path):
     with pytest.raises(AVDigitsError, match=flag):

@@ -130,7 +130,7 @@ def test_torchrun_main_writes_once_and_matches_a_single_process_evaluation(tiny,
 
     root, cache = tiny
     out = tmp_path / "run"
-    flags = [*TINY_FLAGS, "--data-root", str(root), "--epochs", "1", "--out", str(out)]
+    flags = [*TINY_FLAGS, "--data-root", str(root), "--epochs", "1", "--workers", "1", "--out", str(out)]
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
                              f"--nproc_per_node={WORLD}", str(REPO / "main.py"), *flags],
                             cwd=REPO, env=script_env(cache), capture_output=True, text=True, timeout=400)

@@ -17,7 +17,7 @@ from torch import nn
 from config import Config, build_parser, resolve_config, validate
 from engines.engines_logits_com import DiagnosticMeans, StepContext, train_step
 from engines.methods import build_method, method_from_config
-from engines.metrics import HeadMetrics
+from engines.metrics import HeadMetrics, f1_scores
 from tests.scaling_fixtures import VectorModel, vector_data
 from utils.errors import UserError
 
@@ -85,6 +85,16 @@ def test_accuracy_and_macro_f1_match_scikit_learn_on_known_predictions():
     assert result["f1"] == pytest.approx(macro)
     assert not math.isclose(result["f1"], 0.7, abs_tol=1e-3)
     assert not math.isclose(result["f1"], f1_score(labels, predicted, average="weighted"), abs_tol=1e-3)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_f1_scores_match_scikit_learn_with_classes_missing_from_either_side(seed):
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 6, size=int(rng.integers(1, 40)))
+    predicted = np.where(rng.random(labels.size) < 0.5, labels, rng.integers(2, 9, size=labels.size))
+    macro, weighted = f1_scores(labels, predicted)
+    assert macro == pytest.approx(f1_score(labels, predicted, average="macro", zero_division=0))
+    assert weighted == pytest.approx(f1_score(labels, predicted, average="weighted", zero_division=0))
 
 
 # -- OLM inside the loop ------------------------------------------------------------------------------

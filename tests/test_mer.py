@@ -341,29 +341,40 @@ def test_killed_cross_validation_resumes_to_the_uninterrupted_result(mer_root, t
     import os
     import signal
     import sys
+    import threading
     import time
 
     from main_trans import main
 
     add_test_split_in_its_own_folder(mer_root, "test2", with_valence=True)
     run = TINY_RUN + ["--data-root", str(mer_root)]
-    main(run + ["--out", str(tmp_path / "whole")])
-    whole = json.loads((tmp_path / "whole" / "cv_results.json").read_text())
-    assert set(whole["ensemble"]) == {"test1", "test2"}
-    assert "combined" in whole["ensemble"]["test2"]["fusion"] and "valence_mse" in whole["summary"]["test1"]["fusion"]
-
     killed = tmp_path / "killed"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     child = subprocess.Popen([sys.executable, str(REPO / "main_trans.py"), *run, "--out", str(killed)],
                              cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     checkpoint = killed / "fold1" / "last.pt"
-    deadline = time.time() + 120
-    while not checkpoint.is_file() and child.poll() is None and time.time() < deadline:
-        time.sleep(0.01)
-    assert child.poll() is None, child.stderr.read().decode()[-2000:]  # still inside fold 1
-    child.send_signal(signal.SIGKILL)
+    killed_in_fold_one = []
+
+    def kill_after_first_checkpoint():
+        deadline = time.time() + 120
+        while not checkpoint.is_file() and child.poll() is None and time.time() < deadline:
+            time.sleep(0.01)
+        if child.poll() is None:  # still inside fold 1
+            child.send_signal(signal.SIGKILL)
+            killed_in_fold_one.append(True)
+
+    # The uninterrupted run trains in this process while the child starts and trains beside it.
+    watcher = threading.Thread(target=kill_after_first_checkpoint)
+    watcher.start()
+    main(run + ["--out", str(tmp_path / "whole")])
+    watcher.join()
     child.wait()
+    assert killed_in_fold_one, child.stderr.read().decode()[-2000:]
     child.stderr.close()
+    whole = json.loads((tmp_path / "whole" / "cv_results.json").read_text())
+    assert set(whole["ensemble"]) == {"test1", "test2"}
+    assert "combined" in whole["ensemble"]["test2"]["fusion"] and "valence_mse" in whole["summary"]["test1"]["fusion"]
+
     assert not (killed / "fold1" / "results.json").exists() and not (killed / "cv_results.json").exists()
     first_epoch = (killed / "fold1" / "metrics.jsonl").read_text().splitlines()[0]
 

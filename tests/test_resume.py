@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
-import textwrap
+import threading
 import time
 
 import pytest
 import torch
 
-from tests.scaling_fixtures import REPO, main_command, script_env
+from tests.scaling_fixtures import REPO, TINY_FLAGS, main_command, script_env
 from utils.checkpoint import save_atomic
 
 
@@ -44,29 +43,40 @@ def kill_after_first_checkpoint(process: subprocess.Popen, run_dir, limit=240.0)
 
 # One interrupted run covers it all (merged cases keep the suite short): loader workers, lr
 # steps, a held-out pass every 3 steps across epoch boundaries (4 steps per epoch) and
-# reference losses still being collected at the kill: all of it must come back.
+# reference losses still being collected at the kill: all of it must come back. Only the
+# victim needs its own process (to be SIGKILLed); the uninterrupted run trains in this one
+# meanwhile, and the resume runs here too: a resume reads everything from the run folder.
 def test_sigkill_then_resume_matches_uninterrupted_run(tiny, tmp_path):
+    import main
+
     workers, epochs = 2, 3
     extra = ["--lr-step", "1", "--lr-gamma", "0.5", "--heldout-every", "3", "--reference-steps", "6"]
     root, cache = tiny
-    flags = ["--data-root", root, "--epochs", epochs, "--seed", 3, "--workers", workers, *extra]
-    env = script_env(cache)
+    flags = [str(f) for f in ("--data-root", root, "--epochs", epochs, "--seed", 3, "--workers", workers, *extra)]
     whole, killed = tmp_path / "whole", tmp_path / "killed"
-    uninterrupted = subprocess.Popen(main_command(*flags, "--out", whole), cwd=REPO, env=env,
-                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    victim = subprocess.Popen(main_command(*flags, "--out", killed), cwd=REPO, env=env,
+    victim = subprocess.Popen(main_command(*flags, "--out", killed), cwd=REPO, env=script_env(cache),
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    kill_after_first_checkpoint(victim, killed)
+    failures = []
+
+    def kill():
+        try:
+            kill_after_first_checkpoint(victim, killed)
+        except BaseException as error:  # re-raised below: a thread's exception would be lost
+            failures.append(error)
+            victim.kill()
+
+    watcher = threading.Thread(target=kill)
+    watcher.start()
+    main.main([*TINY_FLAGS, *flags, "--out", str(whole)])
+    watcher.join()
+    if failures:
+        raise failures[0]
     # What the kill left must load, without pickled code, and be a finished epoch.
     payload = torch.load(killed / "last.pt", weights_only=True)
     assert 1 <= payload["epoch"] < epochs
 
     # The saved options are enough to resume: no other flag is repeated.
-    resumed = subprocess.run([sys.executable, str(REPO / "main.py"), "--resume", str(killed)],
-                             cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert resumed.returncode == 0, resumed.stderr
-    out, err = uninterrupted.communicate(timeout=300)
-    assert uninterrupted.returncode == 0, err
+    main.main(["--resume", str(killed)])
 
     assert comparable_metrics(killed) == comparable_metrics(whole)
     assert comparable_results(killed) == comparable_results(whole)
@@ -78,25 +88,30 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tiny, tmp_path):
     assert all(torch.equal(best[0]["model"][k], v) for k, v in best[1]["model"].items())
 
 
-WRITER = textwrap.dedent("""
-    import sys, torch
-    from utils.checkpoint import save_atomic
+def write_checkpoints_forever(target: str, written) -> None:
     big = {"model": {"w": torch.arange(4_000_000, dtype=torch.float32)}, "epoch": 1}
     small = {"model": {"w": torch.zeros(10)}, "epoch": 2}
     for i in range(10_000):
-        save_atomic(big if i % 2 == 0 else small, sys.argv[1])
-        print(i, flush=True)
-""")
+        save_atomic(big if i % 2 == 0 else small, target)
+        written.value = i + 1
 
 
 def test_kill_during_checkpoint_writes_never_leaves_a_broken_file(tmp_path):
+    import multiprocessing
+
     target = tmp_path / "last.pt"
-    writer = subprocess.Popen([sys.executable, "-c", WRITER, str(target)], cwd=REPO, env=script_env(tmp_path),
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    for _ in range(5):  # let it finish a few writes, so the kill lands in a later one
-        assert writer.stdout.readline(), writer.stderr.read()
+    # A forked writer (no interpreter start-up to wait for), killed in the middle of its writes.
+    context = multiprocessing.get_context("fork")
+    written = context.Value("i", 0)
+    writer = context.Process(target=write_checkpoints_forever, args=(str(target), written))
+    writer.start()
+    deadline = time.time() + 60
+    while written.value < 5:  # let it finish a few writes, so the kill lands in a later one
+        assert writer.is_alive() and time.time() < deadline, "the writer stopped early"
+        time.sleep(0.005)
     writer.kill()
-    writer.wait()
+    writer.join()
+    assert writer.exitcode == -9
     payload = torch.load(target, weights_only=True)
     assert payload["epoch"] in (1, 2)
     assert payload["model"]["w"].numel() == (4_000_000 if payload["epoch"] == 1 else 10)

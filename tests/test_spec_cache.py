@@ -133,13 +133,14 @@ def test_builders_use_the_cache_only_when_enabled(root):
     assert spectrogram_function(Config(spec_cache=False), root) is None
 
 
-def test_avdigits_loads_through_the_cache(tmp_path, monkeypatch, counted_stft):
+def test_avdigits_loads_through_the_cache(avdigits_default, tmp_path, monkeypatch, counted_stft):
     from config import get_dataset_spec
     from datasets.builders import build_data
 
-    monkeypatch.setenv("OLM_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("OLM_CACHE", str(tmp_path / "cache"))  # an empty spectrogram cache
     spec = get_dataset_spec("AVDigits")
-    cfg = Config(**{**spec.defaults, "dataset": "AVDigits", "data_root": str(tmp_path / "avdigits")})
+    # The session's build (tests/conftest.py) as --data-root: materializing costs seconds.
+    cfg = Config(**{**spec.defaults, "dataset": "AVDigits", "data_root": str(avdigits_default)})
     data = build_data(cfg, spec)
     first, _ = data.test[0]
     second, _ = data.test[0]
