@@ -1,16 +1,18 @@
 """Training-step cost of OLM (or any method) over joint training, measured alternately in one process.
 
 Every method trains the same architecture from the same initial weights on the same pre-loaded
-batches (AV-Digits defaults unless main.py flags after ``--`` say otherwise). Each round times
-one block of steps per method, back to back in alternating order, so machine noise (which on
-a shared 2-core VM moves step times by 20% within seconds) hits the methods of one round
-alike; a block spans a whole number of held-out cadences, so every block of a method holds the
-same number of held-out forwards. The figure reported is the median over rounds of each
-round's ratio to the baseline (with its interquartile range), beside the median step times;
-``--report`` also writes them to a markdown file headed by the command, date, CPU model and
-load (utils/provenance.py). Examples:
+batches (AV-Digits defaults unless main.py flags after ``--`` say otherwise). In each round,
+every method trains one block of steps right next to a block of the baseline (in alternating
+order), and the round's ratio is taken between those two adjacent blocks: machine noise (which
+on a shared 2-core VM moves step times by 20% within seconds) then hits both alike. A block
+spans a whole number of held-out cadences, so every block of a method holds the same number
+of held-out forwards, and the untimed warm-up runs past OLM's reference window (whose tail
+measures a fresh held-out batch every step, a one-off cost per run). The figure reported is
+the median over rounds of the ratios (with their interquartile range), beside the median
+step times; ``--report`` also writes them to a markdown file headed by the command, date, CPU
+model and load (utils/provenance.py). Examples:
 
-    python benchmarks/bench_olm_overhead.py --rounds 40
+    python benchmarks/bench_olm_overhead.py --rounds 60
     python benchmarks/bench_olm_overhead.py --methods olm ogm_ge fusion_only \\
         --report docs/results/bench-step-time.md -- --heldout-every 8
 """
@@ -19,6 +21,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import itertools
+import math
 import statistics
 import sys
 import time
@@ -31,11 +34,13 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--baseline", default="joint", help="method every other one is divided by")
     parser.add_argument("--methods", nargs="+", default=["olm"], help="methods timed against the baseline")
-    parser.add_argument("--rounds", type=int, default=40, help="alternating rounds per method")
+    parser.add_argument("--rounds", type=int, default=60, help="alternating rounds per method")
     parser.add_argument("--steps", type=int, default=None,
-                        help="training steps per method and round (default: twice --heldout-every); "
+                        help="training steps per block (default: --heldout-every, at least 8); "
                              "a multiple of --heldout-every keeps the held-out forwards per block equal")
-    parser.add_argument("--warmup", type=int, default=5, help="untimed steps per method first")
+    parser.add_argument("--warmup", type=int, default=5,
+                        help="untimed steps per method first (OLM methods: at least through the "
+                             "reference window, one epoch by default)")
     parser.add_argument("--report", help="also write the figures to this markdown file (e.g. "
                                          "docs/results/bench-step-time.md)")
     parser.add_argument("flags", nargs=argparse.REMAINDER,
@@ -67,17 +72,18 @@ def quartiles(values) -> tuple[float, float, float]:
     return q1, median, q3
 
 
-def render(cfg, device, threads, names, baseline, times, steps) -> str:
-    rounds = len(times[baseline])
-    lines = [f"{rounds} rounds; in each, every method trains a block of {steps} steps, back to back in "
-             f"alternating order. {cfg.dataset} defaults: encoder {cfg.encoder}, batch {cfg.batch_size}, "
+def render(cfg, device, threads, names, baseline, times, ratios, steps) -> str:
+    rounds = len(times[names[-1]])
+    lines = [f"{rounds} rounds; in each, every method trains a block of {steps} steps next to a block of "
+             f"{baseline} (alternating order). {cfg.dataset} defaults: encoder {cfg.encoder}, batch {cfg.batch_size}, "
              f"held-out batch {cfg.heldout_batch_size} every {cfg.heldout_every} step(s) "
              f"({cfg.heldout_norm} statistics); device {device}, torch threads {threads}. "
-             f"'over {baseline}' is the median over rounds of the round's step-time ratio "
-             "(interquartile range in brackets).", "",
+             f"'over {baseline}' is the median over rounds of the ratio between the two adjacent "
+             "blocks (interquartile range in brackets).", "",
              f"| method | median step (ms) | over {baseline} |", "|---|---|---|"]
-    for name in names:
-        q1, median, q3 = quartiles([t / b for t, b in zip(times[name], times[baseline])])
+    lines.append(f"| {baseline} | {statistics.median(times[baseline]) * 1000:.1f} | 1 |")
+    for name in names[1:]:
+        q1, median, q3 = quartiles(ratios[name])
         lines.append(f"| {name} | {statistics.median(times[name]) * 1000:.1f} | "
                      f"{median:.3f} [{q1:.3f}, {q3:.3f}] |")
     return "\n".join(lines) + "\n"
@@ -98,7 +104,7 @@ def main(argv=None) -> None:
     device = resolve_device(cfg.device)
     if device.type == "cpu" and cfg.cpu_threads > 0:
         torch.set_num_threads(cfg.cpu_threads)  # as main.py does (AV-Digits: one thread)
-    steps_per_block = args.steps or 2 * cfg.heldout_every
+    steps_per_block = args.steps or cfg.heldout_every * math.ceil(8 / cfg.heldout_every)
     if steps_per_block % cfg.heldout_every:
         print(f"warning: --steps {steps_per_block} is not a multiple of --heldout-every {cfg.heldout_every}; "
               "blocks will hold different numbers of held-out forwards", file=sys.stderr)
@@ -111,6 +117,7 @@ def main(argv=None) -> None:
     heldout = {name: itertools.cycle([b for _, b in zip(range(steps_per_block), cycle(run[3].heldout))])
                if run[3].heldout is not None else None for name, run in runs.items()}
     times = {name: [] for name in names}
+    ratios = {name: [] for name in names}
 
     def steps(name, count):
         model, method, ctx, _ = runs[name]
@@ -122,17 +129,24 @@ def main(argv=None) -> None:
             torch.cuda.synchronize()
 
     for name in names:
-        steps(name, args.warmup)
+        method = runs[name][1]
+        reference = getattr(getattr(method, "modulator", None), "reference_steps", 0)
+        steps(name, max(args.warmup, reference))
     for round_ in range(args.rounds):
-        # Alternate the order too, so neither method always runs right after the other.
-        for name in names if round_ % 2 == 0 else reversed(names):
-            began = time.perf_counter()
-            steps(name, steps_per_block)
-            times[name].append((time.perf_counter() - began) / steps_per_block)
+        for index, name in enumerate(names[1:]):
+            # The baseline's block right next to this method's, first or second in turn.
+            pair = (args.baseline, name) if (round_ + index) % 2 == 0 else (name, args.baseline)
+            block = {}
+            for member in pair:
+                began = time.perf_counter()
+                steps(member, steps_per_block)
+                block[member] = (time.perf_counter() - began) / steps_per_block
+                times[member].append(block[member])
+            ratios[name].append(block[name] / block[args.baseline])
     for name in names:
         print(f"{name:14s} median step {statistics.median(times[name]) * 1000:8.1f} ms  (rounds: "
               + ", ".join(f"{t * 1000:.0f}" for t in times[name]) + ")")
-    body = render(cfg, device, torch.get_num_threads(), names, args.baseline, times, steps_per_block)
+    body = render(cfg, device, torch.get_num_threads(), names, args.baseline, times, ratios, steps_per_block)
     print(body)
     if args.report:
         from utils.provenance import write_report
