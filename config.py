@@ -67,13 +67,14 @@ def register_dataset(spec: DatasetSpec) -> DatasetSpec:
 # epochs make 790 coefficient steps (a released CREMA-D run makes ~1,000); the light small_cnn
 # encoder, one torch thread and one loader worker (loading, not the model, is half an
 # epoch's time) keep the main job near 3 minutes on the slowest 2-core machine; a held-out
-# batch of 16 every 16 steps keeps OLM's step within 1.05x joint's (bench_olm_overhead.py:
-# one held-out forward costs about a third of a training step, and OLM's other per-step work
-# about 1%, so every 8 steps measured 1.07x).
+# batch of 16 (the training batch, so its batch statistics compare like with like) every 32
+# steps keeps OLM's step within 1.05x joint's (bench_olm_overhead.py: a held-out forward
+# costs about a third of a training step and OLM's per-step coefficient work about 2%; every
+# 8 steps measured 1.07x, every 16 steps 1.04-1.05x).
 register_dataset(DatasetSpec(
     "AVDigits", "datasets.builders:build_avdigits", classes=10,
     defaults=dict(fusion="concat", encoder="small_cnn", batch_size=16, epochs=10, lr=1e-3,
-                  heldout_batch_size=16, heldout_every=16, workers=1, cpu_threads=1,
+                  heldout_batch_size=16, heldout_every=32, workers=1, cpu_threads=1,
                   image_size=16, augment=False,
                   sample_rate=8000, audio_seconds=1.0, n_fft=126, hop_length=125, spec_frames=64)))
 
