@@ -5,6 +5,8 @@ import torch
 from torch import nn
 from torchvision.models import resnet18
 
+from models.frames import time_pooled
+
 FEATURE_DIM = 512
 
 
@@ -41,8 +43,4 @@ class VisualEncoder(nn.Module):
         self.trunk = resnet18_trunk(in_channels)
 
     def forward(self, frames: torch.Tensor) -> torch.Tensor:
-        if frames.dim() == 4:  # a single frame per clip
-            frames = frames.unsqueeze(1)
-        batch, steps = frames.shape[:2]
-        features = self.trunk(frames.flatten(0, 1))
-        return features.view(batch, steps, -1).mean(dim=1)
+        return time_pooled(self.trunk, frames)

@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from models.frames import time_pooled
+
 SMALL_FEATURE_DIM = 128
 WIDTHS = (32, 64, 128, SMALL_FEATURE_DIM)
 
@@ -44,7 +46,4 @@ class SmallVisualEncoder(nn.Module):
         self.trunk = small_cnn_trunk(in_channels, WIDTHS[1:])
 
     def forward(self, frames: torch.Tensor) -> torch.Tensor:
-        if frames.dim() == 4:  # a single frame per clip
-            frames = frames.unsqueeze(1)
-        batch, steps = frames.shape[:2]
-        return self.trunk(frames.flatten(0, 1)).view(batch, steps, -1).mean(dim=1)
+        return time_pooled(self.trunk, frames)

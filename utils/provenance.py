@@ -16,19 +16,13 @@ from pathlib import Path
 
 
 def cpu_model() -> str:
-    """The processor's model name as ``lscpu`` gives it (falls back to /proc/cpuinfo)."""
+    """The processor's model name as ``lscpu`` gives it (else what ``platform`` knows)."""
     try:
         out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
         for line in out.splitlines():
             if line.lower().startswith("model name"):
                 return line.split(":", 1)[1].strip()
     except (OSError, subprocess.SubprocessError):
-        pass
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
         pass
     return platform.processor() or "unknown CPU"
 
