@@ -147,11 +147,11 @@ class LogitModulator(nn.Module):
         missing = [h for h in self.heads if h not in losses]
         if missing:
             raise KeyError(f"{name} lacks heads {missing}")
-        values = [losses[h] for h in self.heads]
-        if not all(torch.is_tensor(v) and v.numel() == 1 for v in values):
-            values = [torch.as_tensor(v).reshape(()) for v in values]
-        # One stack and one cast for all heads: this runs every training step.
-        return torch.stack([v.reshape(()) for v in values]).detach().to(self.coefficients.device, torch.float32)
+        device = self.coefficients.device
+        # One detach and one cast for all heads (this runs every training step); as_tensor
+        # leaves a tensor already on the device as it is.
+        return torch.stack([torch.as_tensor(losses[h], device=device).reshape(())
+                            for h in self.heads]).detach().float()
 
     def _update_reference(self, train: torch.Tensor, heldout: torch.Tensor | None) -> None:
         self.reference_count += 1
