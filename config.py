@@ -1,148 +1,24 @@
-"""The single registry of datasets and the training configuration.
+"""The training configuration: general settings, composed with the dataset's own
+(``datasets.registry``) and the method's own (declared beside each method in ``olmbalance``).
 
-Precedence, lowest first: ``Config`` defaults, the dataset's registered defaults, a YAML file
-(``--config``), then command-line flags. The resolved config is written into the run folder.
+Precedence, lowest first: ``Config`` defaults, the dataset's registered defaults, the method's
+recipe (``--recipe``), a YAML file (``--config``), then command-line flags. The resolved config
+is written into the run folder.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+import olmbalance
+from datasets.registry import (DATASETS, RELEASED_AV, DatasetSpec, cache_home, data_home,  # noqa: F401
+                               get_dataset_spec, register_dataset)
 from utils.errors import UserError
-
-
-def data_home() -> Path:
-    """Where real datasets live unless a flag or a per-dataset variable says otherwise."""
-    return Path(os.environ.get("OLM_DATA_ROOT", Path.home() / "datasets")).expanduser()
-
-
-def cache_home() -> Path:
-    """Generated data (AV-Digits, spectrogram caches); never inside the git checkout."""
-    return Path(os.environ.get("OLM_CACHE", Path.home() / ".cache" / "olm")).expanduser()
-
-
-@dataclass(frozen=True)
-class DatasetSpec:
-    name: str            # canonical spelling, also the folder name under data_home()
-    builder: str         # "module:function" returning a DataBundle (imported lazily)
-    kind: str = "av"     # "av": late fusion on wav + frames; "mer": mid fusion on features
-    classes: int | None = None  # in the released setup (documentation; loaders read the data)
-    defaults: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def root_env(self) -> str:
-        return f"OLM_{self.name.upper()}_ROOT"
-
-    def default_root(self) -> Path | None:
-        if os.environ.get(self.root_env):
-            return Path(os.environ[self.root_env]).expanduser()
-        if self.name == "AVDigits":
-            return None  # materialized on first use under cache_home(), keyed by its parameters
-        return data_home() / self.name
-
-
-# Released recipe for the real audio-visual sets (DATASETS.md): 257x188 spectrograms,
-# 224x224 frames, bilinear fusion, batch 64, Adam 1e-4.
-RELEASED_AV = dict(fusion="bilinear", batch_size=64, lr=1e-4, image_size=224, augment=True,
-                   sample_rate=22050, audio_seconds=3.0, n_fft=512, hop_length=353, spec_frames=188)
-
-DATASETS: dict[str, DatasetSpec] = {}
-
-
-def register_dataset(spec: DatasetSpec) -> DatasetSpec:
-    DATASETS[spec.name.lower()] = spec
-    return spec
-
-
-# AV-Digits defaults, measured on the 2-core CPU machine: 64x64 spectrograms (8 kHz, 1 s) and
-# 16x16 frames; flips and crops would change digits; concat fusion because Adam at 1e-3
-# (needed to learn from scratch in minutes) drives a bilinear head's logit norms into the
-# thousands on this small set. Sized so OLM's coefficients can act (issue 9): batch 16 and 10
-# epochs make 790 coefficient steps (a released CREMA-D run makes ~1,000); the light small_cnn
-# encoder, one torch thread and one loader worker (loading, not the model, is half an
-# epoch's time) keep the main job near 3 minutes on the slowest 2-core machine; a held-out
-# batch of 16 (the training batch, so its batch statistics compare like with like) every 32
-# steps keeps OLM's step within 1.05x joint's (bench_olm_overhead.py: a held-out forward
-# costs about a third of a training step and OLM's per-step coefficient work about 2%; every
-# 8 steps measured 1.07x, every 16 steps 1.04-1.05x).
-register_dataset(DatasetSpec(
-    "AVDigits", "datasets.builders:build_avdigits", classes=10,
-    defaults=dict(fusion="concat", encoder="small_cnn", batch_size=16, epochs=10, lr=1e-3,
-                  heldout_batch_size=16, heldout_every=32, workers=1, cpu_threads=1,
-                  image_size=16, augment=False,
-                  sample_rate=8000, audio_seconds=1.0, n_fft=126, hop_length=125, spec_frames=64)))
-
-# Feature-sequence datasets for the mid-fusion transformers (main_trans.py). The released
-# OLM-Trans recipe: network and coefficients both Adam 1e-4 with weight decay 2e-4, batch 2
-# (sequences reach ~2,300 steps), 10 epochs, 5 folds, d_model 768, 3 layers, 8 heads, 12
-# pivot/bottleneck tokens, dropout 0.1, each model's released feed-forward width
-# (--dim-feedforward 0); held-out batches as large as training ones, as released. The best
-# epoch is picked on validation weighted F1, MER2023's emotion metric.
-register_dataset(DatasetSpec(
-    "MERMULTI", "datasets.mer:build_mer", kind="mer", classes=6,
-    defaults=dict(lr=1e-4, weight_decay=2e-4, coef_lr=1e-4, coef_weight_decay=2e-4, batch_size=2,
-                  heldout_batch_size=2, epochs=10, d_model=768, num_layers=3, num_heads=8,
-                  num_bottleneck=12, dropout=0.1, dim_feedforward=0, feature_dim=1024, folds=5,
-                  max_folds=0, modalities="audio,visual", selection_metric="f1_weighted")))
-# AV-Digits turned into feature sequences: sized so that every model type runs two folds on
-# a 2-core CPU within minutes (measured in docs/olm_trans.md). One CPU thread: its tiny
-# matrices gain little from a second one, and on a busy machine two threads ran up to 9x slower.
-register_dataset(DatasetSpec(
-    "AVDigitsFeatures", "datasets.mer_avdigits:build_avdigits_features", kind="mer", classes=10,
-    defaults=dict(lr=1e-3, weight_decay=2e-4, coef_lr=1e-3, coef_weight_decay=0.0, batch_size=64,
-                  epochs=15, d_model=64, num_layers=2, num_heads=4, num_bottleneck=4, dropout=0.1,
-                  dim_feedforward=0, folds=5, max_folds=2, modalities="audio,visual",
-                  selection_metric="f1_weighted", audio_feature="logmel-40", visual_feature="rows-8",
-                  text_feature="noisy-tokens", cpu_threads=1,
-                  loss_reduction="mean")))  # docs/olm_trans.md's figures were measured with batch means
-
-# The real sets, as data/<NAME>/ preprocessing lays them out (loaders: datasets/real_av.py).
-# ``classes`` is the released count; the loaders take the classes from the training clips.
-register_dataset(DatasetSpec("CREMAD", "datasets.real_av:build_cremad", classes=6,
-                             defaults=dict(RELEASED_AV)))
-register_dataset(DatasetSpec("AVE", "datasets.real_av:build_ave", classes=28,
-                             defaults=dict(RELEASED_AV)))
-register_dataset(DatasetSpec("KineticSound", "datasets.real_av:build_kinetics_sounds", classes=31,
-                             defaults=dict(RELEASED_AV)))
-register_dataset(DatasetSpec("VGGSound", "datasets.real_av:build_vggsound", classes=309,
-                             defaults=dict(RELEASED_AV)))
-
-
-# OGM-GE as its authors ran it (GeWu-Lab/OGM-GE_CVPR2022, main.py): SGD, momentum 0.9, weight
-# decay 1e-4, lr 1e-3 divided by 10 every 70 epochs, the batch-mean CE, modulation in epochs
-# 0..50; alpha as its README recommends (0.8 CREMA-D, 0.1 VGGSound; 0.1, its default setting,
-# for AVE and Kinetics-Sounds).
-OGM_GE_RECIPE = dict(optimizer="sgd", lr=1e-3, momentum=0.9, weight_decay=1e-4, lr_step=70, lr_gamma=0.1,
-                     loss_reduction="mean", ogm_alpha=0.1, ogm_modulation_starts=0, ogm_modulation_ends=50)
-
-# Options a method brings with it: method -> dataset name (or "*" for all) -> options. They sit
-# above the dataset's defaults and below --config and flags.
-# On the embedded AVDigits, OGM-GE's lr is 1e-2, a deliberate difference: at the authors' 1e-3
-# a seed-0 run of the demo's epochs was still far from converged (validation fusion accuracy
-# 0.72 and rising at the last epoch; 0.80 at 1e-2, 0.83 at 3e-2; alpha 0.8 gave 0.80 too).
-METHOD_DEFAULTS: dict[str, dict[str, dict[str, Any]]] = {
-    "ogm_ge": {"*": OGM_GE_RECIPE, "CREMAD": dict(ogm_alpha=0.8), "AVDigits": dict(lr=1e-2)},
-}
-
-
-def recipe_defaults(spec: DatasetSpec, method: str | None) -> dict[str, Any]:
-    """The defaults a run of ``method`` on ``spec`` starts from (before --config and flags)."""
-    by_dataset = METHOD_DEFAULTS.get(method or "", {})
-    return {**spec.defaults, **by_dataset.get("*", {}), **by_dataset.get(spec.name, {})}
-
-
-def get_dataset_spec(name: str) -> DatasetSpec:
-    spec = DATASETS.get(name.lower())
-    if spec is None:
-        names = ", ".join(s.name for s in DATASETS.values())
-        raise UserError(f"unknown dataset {name!r} (--dataset); choose one of: {names}")
-    return spec
 
 
 @dataclass
@@ -172,9 +48,9 @@ class Config:
     heldout_norm: str = "batch"   # held-out forward normalized like training (batch) or eval (running)
     heldout_every: int = 3     # with --heldout-batch-size 32: OLM costs ~1.07x a joint step on CPU
     heldout_batch_size: int = 32
-    ogm_alpha: float = 0.1    # OGM-GE modulation strength (its README: 0.8 CREMA-D, 0.1 VGGSound)
-    ogm_modulation_starts: int = 0   # OGM-GE modulates in epochs starts..ends (0-based, inclusive)
-    ogm_modulation_ends: int = 50
+    # a method's own settings, by prefixed key (pmr_alpha, ogm_alpha, ...): flags --pmr-alpha, ...
+    method_settings: dict[str, Any] = field(default_factory=dict)
+    recipe: str = "default"   # default, dataset or authors (see recipe_defaults)
     # inputs
     fps: int = 1              # frames per clip
     image_size: int = 224
@@ -196,11 +72,13 @@ class Config:
     workers: int = 0
     eval_batch_size: int = 0  # 0: twice the training batch
     amp: str = "none"
-    channels_last: bool = False
+    channels_last: bool | None = None  # None: on with CUDA, off on the CPU (utils/device.py)
+    compile: bool = False     # torch.compile the late-fusion model (utils/device.py)
     out: str | None = None
     resume: str | None = None
     progress: bool = True
     plots: bool = True
+    imbalance: bool = True       # probes, reliance, Shapley from best.pt after training
     keep_checkpoints: str = "all"    # all, last, best or none (what is left when training ends)
     # --- mid fusion (main_trans.py): transformer, modalities, cross-validation, feature files ---
     model_type: str = "emt"          # emt, mbt, umt or ca
@@ -246,8 +124,9 @@ HELP = {
     "momentum": "SGD momentum (--optimizer sgd only)",
     "loss_reduction": "how the trained losses reduce over the batch: sum (released: summed CE, so "
                       "--weight-decay has the released strength) or mean",
-    "ogm_modulation_starts": "first epoch (0-based) in which OGM-GE modulates (method ogm_ge only)",
-    "ogm_modulation_ends": "last epoch (0-based, inclusive) in which OGM-GE modulates (method ogm_ge only)",
+    "recipe": "optimizer, schedule, epochs and batch: default (the dataset's recipe shared by all methods; "
+              "OGM-GE keeps its authors' optimizer and schedule), dataset, or authors (what the method's "
+              "authors ran, README 'Methods')",
     "weight_decay": "network weight decay (coupled L2 term of Adam or SGD)",
     "coef_lr": "learning rate of OLM's logit coefficients (Adam)",
     "coef_weight_decay": "weight decay of OLM's logit coefficients",
@@ -265,7 +144,6 @@ HELP = {
                     "(eval mode)",
     "cpu_threads": "torch threads when training on the CPU (0: torch's default)",
     "encoder": "late-fusion encoders: resnet18 (released) or small_cnn (a light CNN for the embedded set)",
-    "ogm_alpha": "OGM-GE modulation strength alpha, unitless (method ogm_ge only)",
     "fps": "frames per clip fed to the visual encoder",
     "image_size": "side of the square frames fed to the visual encoder, in pixels",
     "augment": "random resized crop and horizontal flip on training frames",
@@ -285,11 +163,17 @@ HELP = {
     "workers": "data-loader worker processes per training process (0: load in the main process)",
     "eval_batch_size": "val/test batch in samples (0: twice --batch-size)",
     "amp": "mixed precision on CUDA: none, bf16 or fp16 (ignored on CPU)",
-    "channels_last": "channels-last memory layout for image tensors (faster convolutions on recent GPUs)",
+    "channels_last": "channels-last memory layout for the model and image tensors (faster convolutions on "
+                     "recent GPUs); default auto: on with CUDA, off on the CPU",
+    "compile": "torch.compile the late-fusion model (its forward, in place; checkpoints unchanged); the "
+               "first steps of each shape and mode pay the compilation",
     "out": "run folder (default runs/<dataset>-<method>-<fusion>-s<seed>-<time>)",
     "resume": "continue from a run folder (its last.pt) or a checkpoint file; the saved options apply",
     "progress": "show progress bars",
     "plots": "write the diagnostics figure at the end",
+    "imbalance": "after training, measure modality imbalance on best.pt: a linear probe per modality, the "
+                 "fusion head's reliance on each modality, Shapley values (results.json 'imbalance', "
+                 "predictions.npz; engines/imbalance.py)",
     "keep_checkpoints": "checkpoints left when training ends: all (best.pt and last.pt), last (last.pt, "
                         "can resume), best (best.pt, weights only), none; last.pt is written during "
                         "training whatever the choice",
@@ -298,22 +182,23 @@ HELP = {
 
 # Options only main.py reads (clips, spectrograms, frames, the late-fusion head and OGM-GE,
 # which needs its read-out heads); main_trans.py leaves them out of its --help.
-LATE_FUSION_FIELDS = ("fusion", "encoder", "ogm_alpha", "ogm_modulation_starts", "ogm_modulation_ends", "fps",
+LATE_FUSION_FIELDS = ("fusion", "encoder", "fps",
                       "image_size", "augment", "sample_rate", "audio_seconds", "n_fft", "hop_length",
-                      "spec_frames", "val_fraction", "spec_cache", "channels_last", "splits_dir", "audio_root",
-                      "frames_root")
+                      "spec_frames", "val_fraction", "spec_cache", "channels_last", "compile", "splits_dir", "audio_root",
+                      "frames_root", "imbalance")
+# On/off flags whose default None means "decided per device" (shown as auto in --help).
+AUTO_BOOLEANS = ("channels_last",)
 KEEP_CHECKPOINTS = ("all", "last", "best", "none")
 
 
 def choices() -> dict[str, tuple[str, ...]]:
     """Flag -> accepted values, read from the registries so a newly registered method,
     fusion head or model type is accepted (and listed in errors) with no edit here."""
-    from engines.methods import METHODS, check_method_name
     from models.fusion import FUSIONS
     from models.transformers.build import TRANSFORMER_TYPES
 
-    check_method_name("olm")  # imports the baselines, which register themselves
-    return {"dataset": tuple(s.name for s in DATASETS.values()), "method": tuple(sorted(METHODS)),
+    return {"dataset": tuple(s.name for s in DATASETS.values()), "method": tuple(sorted(olmbalance.METHODS)),
+            "recipe": RECIPES,
             "fusion": tuple(FUSIONS), "model_type": tuple(TRANSFORMER_TYPES),
             "target_scale": ("reference", "mean"), "amp": ("none", "bf16", "fp16"),
             "selection_metric": ("acc", "f1_weighted"),
@@ -328,52 +213,132 @@ MID_FUSION_FIELDS = ("model_type", "modalities", "d_model", "num_layers", "num_h
                      "visual_feature", "text_feature", "feature_dim")
 
 
+RECIPES = ("default", "dataset", "authors")
+NOT_FLAGS = ("method_settings",)  # filled from each method's own flags
+
+
+def recipe_defaults(spec: DatasetSpec, method: str | None, recipe: str = "default") -> dict[str, Any]:
+    """The defaults a run of ``method`` on ``spec`` starts from (before --config and flags): the
+    dataset's recipe, then the method's ``recipe`` (``default``: what the method declares as its
+    default, usually nothing; ``dataset``: nothing; ``authors``: its authors' run)."""
+    entry = olmbalance.METHODS.get(method or "")
+    if recipe not in RECIPES:
+        raise UserError(f"--recipe {recipe!r} is not one of: {', '.join(RECIPES)}")
+    chosen = entry.recipe(recipe, spec.name) if entry is not None and recipe != "dataset" else {}
+    return {**spec.defaults, **chosen}
+
+
+class CommandLineParser(argparse.ArgumentParser):
+    """argparse whose mistakes are UserErrors (one sentence, with the closest flag when one is misspelt)."""
+
+    def error(self, message: str):
+        import difflib
+
+        if message.startswith("unrecognized arguments:"):
+            words = message.split(":", 1)[1].split()
+            flags = [w.split("=")[0] for w in words if w.startswith("--")]
+            known = [o for action in self._actions for o in action.option_strings]
+            hints = [f"{f} (did you mean {close[0]}?)" if (close := difflib.get_close_matches(f, known, 1)) else f
+                     for f in flags]
+            raise UserError(f"unknown option {', '.join(hints or words)}; see --help")
+        raise UserError(message)
+
+
+def add_method_flags(parser: argparse.ArgumentParser, shown_method: str | None,
+                     shown_defaults: dict[str, Any]) -> None:
+    """One flag per method setting (``--pmr-alpha``); only ``shown_method``'s appear in --help,
+    with the values that apply; the others are still parsed, so using one with another method
+    gets its own sentence (``validate_method_settings``)."""
+    group = parser.add_argument_group(f"settings of --method {shown_method}")
+    for key, (entry, setting) in olmbalance.registry.setting_keys().items():
+        shown = entry.name == shown_method
+        default = shown_defaults.get(key, setting.default)
+        text = f"{setting.help} ({entry.name} only) [{default}]"
+        if setting.choices:
+            text += f"; one of: {', '.join(map(str, setting.choices))}"
+        kwargs: dict[str, Any] = dict(dest=key, default=argparse.SUPPRESS, help=text if shown else argparse.SUPPRESS)
+        if setting.type is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        else:
+            kwargs["type"] = setting.type
+        (group if shown else parser).add_argument(entry.flag(setting), **kwargs)
+
+
 def build_parser(description: str, skip=(), help_text: dict[str, str] | None = None,
                  shown_defaults: dict[str, Any] | None = None) -> argparse.ArgumentParser:
-    """One flag per Config field (except ``skip``); ``help_text`` overrides HELP per field and
-    ``shown_defaults`` the default printed for it (an entry point's own default)."""
-    parser = argparse.ArgumentParser(description=description)  # defaults are shown in [brackets]
+    """One flag per Config field (except ``skip``) and per method setting; ``help_text``
+    overrides HELP per field and ``shown_defaults`` the default printed for it (an entry
+    point's own default, the dataset's and the method's recipe)."""
+    parser = CommandLineParser(description=description, allow_abbrev=False)  # defaults in [brackets]
     parser.add_argument("--config", help="YAML file of config values (flags override it)")
     defaults = Config()
+    shown_defaults = shown_defaults or {}
     helps = {**HELP, **(help_text or {})}
     accepted = choices()
     for f in dataclasses.fields(Config):
-        if f.name in skip:
+        if f.name in skip or f.name in NOT_FLAGS:
             continue
-        default = (shown_defaults or {}).get(f.name, getattr(defaults, f.name))
+        default = shown_defaults.get(f.name, getattr(defaults, f.name))
+        if default is None and f.name in AUTO_BOOLEANS:
+            default = "auto"
         text = helps.get(f.name, f.name.replace("_", " "))
         allowed = accepted.get(f.name, ())
         if allowed and not all(value in text for value in allowed):
             text += f"; one of: {', '.join(allowed)}"  # from the registries, so never out of date
         kwargs: dict[str, Any] = dict(dest=f.name, default=argparse.SUPPRESS, help=f"{text} [{default}]")
         field_default = getattr(defaults, f.name)
-        if isinstance(field_default, bool):
+        if isinstance(field_default, bool) or f.name in AUTO_BOOLEANS:
             kwargs["action"] = argparse.BooleanOptionalAction
         else:
             kwargs["type"] = type(field_default) if field_default is not None else str
         parser.add_argument(_flag(f.name), **kwargs)
+    add_method_flags(parser, shown_defaults.get("method", Config.method), shown_defaults)
     return parser
+
+
+def read_config_file(config_file: str) -> dict[str, Any]:
+    try:
+        loaded = yaml.safe_load(Path(config_file).read_text()) or {}
+    except (OSError, yaml.YAMLError) as error:
+        raise UserError(f"cannot read --config {config_file}: {error}") from None
+    if not isinstance(loaded, dict):
+        raise UserError(f"--config {config_file} must hold a mapping of option names to values")
+    known = {f.name for f in dataclasses.fields(Config)} | set(olmbalance.registry.setting_keys())
+    unknown = set(loaded) - known
+    if unknown:
+        raise UserError(f"--config {config_file} has unknown keys: {', '.join(sorted(unknown))}")
+    return loaded
+
+
+def split_method_settings(values: dict[str, Any]) -> dict[str, Any]:
+    """Move prefixed method-setting keys (``pmr_alpha``) out of ``values`` into their own dict."""
+    keys = olmbalance.registry.setting_keys()
+    settings = dict(values.pop("method_settings", None) or {})
+    for key in [k for k in values if k in keys]:
+        settings[key] = values.pop(key)
+    return settings
 
 
 def resolve_config(args: argparse.Namespace) -> Config:
     values = dict(vars(args))
     config_file = values.pop("config", None)
-    from_file: dict[str, Any] = {}
-    if config_file:
-        try:
-            from_file = yaml.safe_load(Path(config_file).read_text()) or {}
-        except (OSError, yaml.YAMLError) as error:
-            raise UserError(f"cannot read --config {config_file}: {error}") from None
-        unknown = set(from_file) - {f.name for f in dataclasses.fields(Config)}
-        if unknown:
-            raise UserError(f"--config {config_file} has unknown keys: {', '.join(sorted(unknown))}")
+    from_file = read_config_file(config_file) if config_file else {}
     # A resumed run starts from the options saved in its checkpoint; flags still override.
     resume = values.get("resume", from_file.get("resume"))
     saved = resumed_options(resume) if resume else {}
     dataset = values.get("dataset", from_file.get("dataset", saved.get("dataset", Config.dataset)))
     spec = get_dataset_spec(dataset)
     method = values.get("method", from_file.get("method", saved.get("method", Config.method)))
-    merged = {**recipe_defaults(spec, method), **saved, **from_file, **values, "dataset": spec.name}
+    olmbalance.method_entry(method)  # "unknown method ..." before anything else is read
+    recipe = values.get("recipe", from_file.get("recipe", saved.get("recipe", Config.recipe)))
+    layers = [recipe_defaults(spec, method, recipe), saved, from_file, values]
+    settings: dict[str, Any] = {}
+    merged: dict[str, Any] = {}
+    for layer in layers:
+        layer = dict(layer)
+        settings.update(split_method_settings(layer))
+        merged.update(layer)
+    merged.update(dataset=spec.name, method_settings=settings)
     return validate(Config(**merged))
 
 
@@ -381,10 +346,23 @@ POSITIVE = ("epochs", "batch_size", "heldout_every", "heldout_batch_size", "fps"
             "sample_rate", "n_fft", "hop_length", "spec_frames")
 
 
+def validate_method_settings(cfg: Config) -> None:
+    """Every method setting belongs to the chosen method and has a value of its type."""
+    entry = olmbalance.method_entry(cfg.method)
+    own = entry.keys()
+    for key, value in cfg.method_settings.items():
+        if key not in own:
+            owner = olmbalance.registry.setting_keys().get(key)
+            if owner is None:
+                raise UserError(f"unknown method setting {key!r}")
+            listed = ", ".join(entry.flag(s) for s in entry.settings) or "none"
+            raise UserError(f"{owner[0].flag(owner[1])} is a setting of --method {owner[0].name}, not of "
+                            f"--method {cfg.method} (its settings: {listed})")
+        cfg.method_settings[key] = own[key].coerce(value, cfg.method, entry.flag(own[key]))
+
+
 def validate(cfg: Config) -> Config:
     """Catch values that would otherwise fail deep inside training with a traceback."""
-    from engines.methods import check_method_name
-
     for name in POSITIVE:
         if getattr(cfg, name) < 1:
             raise UserError(f"{_flag(name)} must be at least 1, got {getattr(cfg, name)}")
@@ -400,23 +378,23 @@ def validate(cfg: Config) -> Config:
         if name == "dataset":
             value = get_dataset_spec(value).name  # case-insensitive; its own sentence
         if name == "method":
-            check_method_name(value)  # "unknown method ...", as the other entry paths say it
+            olmbalance.method_entry(value)  # "unknown method ...", as the other entry paths say it
         if value not in allowed:
             raise UserError(f"{_flag(name)} {value!r} is not one of: {', '.join(allowed)}")
+    validate_method_settings(cfg)
     return cfg
 
 
 def entry_parser(description: str, argv=None, skip=(), help_text: dict[str, str] | None = None,
                  default_dataset: str = "AVDigits") -> argparse.ArgumentParser:
-    """An entry point's parser whose --help shows the defaults of the dataset that ``argv``
-    names with --dataset or in its --config file (else ``default_dataset``)."""
+    """An entry point's parser whose --help shows the defaults of the dataset, method and
+    recipe that ``argv`` names (or its --config file names; else ``default_dataset``)."""
     import sys
 
     argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
     early = argparse.ArgumentParser(add_help=False)
-    early.add_argument("--dataset")
-    early.add_argument("--method")
-    early.add_argument("--config")
+    for name in ("--dataset", "--method", "--config", "--recipe"):
+        early.add_argument(name)
     known, _ = early.parse_known_args(argv)
     from_file: dict[str, Any] = {}
     if known.config:
@@ -427,20 +405,27 @@ def entry_parser(description: str, argv=None, skip=(), help_text: dict[str, str]
             pass  # resolve_config reports the unreadable file
     dataset = known.dataset or from_file.get("dataset") or default_dataset
     method = known.method or from_file.get("method") or Config.method
+    recipe = known.recipe or from_file.get("recipe") or Config.recipe
     spec = DATASETS.get(str(dataset).lower()) or get_dataset_spec(default_dataset)
-    shown = {**recipe_defaults(spec, method), "dataset": spec.name, "method": method}
-    return build_parser(f"{description} Defaults shown are those of --dataset {spec.name} "
-                        f"with --method {method}.", skip=skip, help_text=help_text, shown_defaults=shown)
+    if method not in olmbalance.METHODS:
+        method = Config.method  # resolve_config names the unknown method in one sentence
+    if recipe not in RECIPES:
+        recipe = Config.recipe
+    shown = {**recipe_defaults(spec, method, recipe), "dataset": spec.name, "method": method, "recipe": recipe}
+    return build_parser(f"{description} Defaults shown are those of --dataset {spec.name} with --method "
+                        f"{method} and --recipe {recipe}.", skip=skip, help_text=help_text, shown_defaults=shown)
 
 
 def resumed_options(resume: str) -> dict[str, Any]:
     from utils.checkpoint import saved_config
 
-    names = {f.name for f in dataclasses.fields(Config)}
-    return {k: v for k, v in saved_config(resume).items() if k in names}
+    return load_config_dict(saved_config(resume)).to_dict() if resume else {}
 
 
 def load_config_dict(values: dict[str, Any]) -> Config:
-    """Rebuild a Config saved in a run folder or checkpoint, ignoring unknown keys."""
+    """Rebuild a Config saved in a run folder or checkpoint, ignoring unknown keys; runs saved
+    before methods declared their own settings kept OGM-GE's at the top level."""
     names = {f.name for f in dataclasses.fields(Config)}
-    return Config(**{k: v for k, v in values.items() if k in names})
+    values = dict(values)
+    settings = split_method_settings(values)
+    return Config(**{k: v for k, v in values.items() if k in names}, method_settings=settings)

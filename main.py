@@ -13,12 +13,13 @@ from utils.cli import run_cli, run_on_every_rank
 def run(cfg) -> dict:
     """Build data, model and method from ``cfg``, train, and return results.json's content."""
     from datasets.builders import build_data
-    from engines.methods import check_method_name, method_from_config
+    from engines.methods import method_from_config
+    from olmbalance import method_entry
     from engines.trainer import fit, make_loaders
     from models.encoders import late_fusion_model
     from utils import distributed
     from utils.checkpoint import prune_checkpoints
-    from utils.device import resolve_device
+    from utils.device import channels_last, compile_model, resolve_device
     from utils.run_dir import prepare_run_dir
     from utils.seed import seed_everything
 
@@ -29,12 +30,14 @@ def run(cfg) -> dict:
     spec = get_dataset_spec(cfg.dataset)
     if spec.kind != "av":
         raise_wrong_entry(spec.name)
-    check_method_name(cfg.method)  # before any data is materialized or loaded
+    method_entry(cfg.method)  # before any data is materialized or loaded
     data = build_data(cfg, spec)
     seed_everything(cfg.seed)
     model = late_fusion_model(cfg, len(data.class_names), data.modalities).to(device)
-    if cfg.channels_last:
+    if channels_last(cfg, device):  # default: on with CUDA, off on the CPU
         model = model.to(memory_format=torch.channels_last)
+    if cfg.compile:
+        compile_model(model)
     method = method_from_config(cfg, model.heads, len(data.train)).to(device)
     method.setup(model)
     loaders = make_loaders(cfg, data, device, method.needs_heldout)
@@ -43,6 +46,13 @@ def run(cfg) -> dict:
     results = fit(cfg, model, method, loaders, run_dir, device,
                   extra_results={"classes": data.class_names, "run_dir": str(run_dir)})
     if distributed.is_main():
+        if cfg.imbalance:  # before pruning: they read best.pt
+            from engines.imbalance import diagnose_run
+            from utils.run_logging import write_json
+
+            results["imbalance"] = diagnose_run(run_dir, model, data, cfg, device, results["selection_head"],
+                                                predict=method.forward_eval)
+            write_json(run_dir / "results.json", results)
         prune_checkpoints(run_dir, cfg.keep_checkpoints)
     return results
 

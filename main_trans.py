@@ -141,7 +141,7 @@ def run(cfg) -> dict:
     from datasets.builders import build_data
     from datasets.mer import parse_modalities
     from engines.cross_validation import output_dir, run_cross_validation
-    from engines.methods import build_method
+    from olmbalance import build_method
     from utils.device import resolve_device
 
     device = resolve_device(cfg.device)

@@ -31,7 +31,7 @@ def sizes(dataset: str, method_name: str) -> tuple[int, int, int, str]:
     import torch
 
     from config import Config, get_dataset_spec, validate
-    from engines.methods import build_method
+    from olmbalance import build_method
     from engines.trainer import Loaders, checkpoint_payload, inference_payload, make_context
     from models.encoders import late_fusion_model
     from utils.checkpoint import save_atomic

@@ -85,12 +85,16 @@ class FolderListing:
 
 
 def keep_available(clips: Sequence[AVClip], split: str, max_missing: float,
-                   listing: FolderListing | None = None) -> list[AVClip]:
+                   listing: FolderListing | None = None, split_file: str | Path | None = None) -> list[AVClip]:
     """Drop clips whose wav or frame folder is missing; warn once with the count; fail beyond
     ``max_missing`` (a fraction) since that means a wrong root or an unfinished extraction.
+    ``split_file``, where the clip names came from, is named in the messages: a file whose
+    names differ from the files on disk (Kinetics-Sounds' test clips are ``<ytid>_<N>``)
+    shows up as every clip missing.
 
     Presence is read from the folders' listings (linear in the clips). A frame folder that
     exists but holds no image costs its sample at load time, skipped and counted there."""
+    split = f"{split} split" + (f" (clip names from {split_file})" if split_file else "")
     listing = listing or FolderListing()
     kept, first_missing = [], None
     for clip in clips:
@@ -100,8 +104,8 @@ def keep_available(clips: Sequence[AVClip], split: str, max_missing: float,
             first_missing = clip
     missing = len(clips) - len(kept)
     if not clips or not kept:
-        where = f" (e.g. {clips[0].audio_path.parent}, {clips[0].frame_dir.parent})" if clips else ""
-        raise UserError(f"the {split} split has no usable clips{where}; check --data-root")
+        where = f" (e.g. none of {clips[0].audio_path}, {clips[0].frame_dir})" if clips else ""
+        raise UserError(f"the {split} has no usable clips{where}; check --data-root")
     if missing:
         message = (f"{split}: skipped {missing} of {len(clips)} clips with a missing wav or frame "
                    f"folder (e.g. {first_missing.audio_path} / {first_missing.frame_dir})")
@@ -137,7 +141,10 @@ def read_frame(path: Path) -> torch.Tensor:
     if image is None:
         raise ValueError(f"unreadable image {path}")
     image = cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
-    return torch.from_numpy(image).permute(2, 0, 1).contiguous()  # uint8; the transform scales it
+    # uint8 (3, H, W) left in the decoder's pixel-interleaved memory (a channels-last view):
+    # torch's antialiased uint8 resize works in that layout, so RandomResizedCrop skips a copy
+    # (bench_loader.py: the training frame transform about 1.5x faster; identical output).
+    return torch.from_numpy(image).permute(2, 0, 1)
 
 
 class AVClipDataset(Dataset):

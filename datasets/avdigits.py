@@ -53,6 +53,10 @@ DEFAULT_VISUAL_OCCLUSION = 0.0
 DEFAULT_FRAMES_PER_CLIP = 3
 DEFAULT_IMAGE_SIZE = 32
 DEFAULT_SPLIT = (0.7, 0.15, 0.15)
+# AVDigitsImbalanced (issue 18): clean audio, which every head fits within an epoch, and a
+# visual digit placed anywhere on a 12x12 board, which takes many epochs to find; chosen
+# by benchmarks/imbalance_search.py (docs/results/imbalance-selection.md).
+IMBALANCED = dict(audio_snr_db=None, visual_noise_std=0.3, canvas=12, clutter=0, image_size=24)
 NUM_IMAGES = 1797   # scikit-learn's digits
 MIN_IMAGES = 100    # a stratified subset (images=N) keeps every class in every split
 
@@ -67,7 +71,8 @@ def resolve_params(seed=DEFAULT_SEED, audio_snr_db=DEFAULT_AUDIO_SNR_DB,
                    visual_noise_std=DEFAULT_VISUAL_NOISE_STD,
                    visual_occlusion=DEFAULT_VISUAL_OCCLUSION,
                    frames_per_clip=DEFAULT_FRAMES_PER_CLIP,
-                   image_size=DEFAULT_IMAGE_SIZE, split=DEFAULT_SPLIT, images=None) -> dict:
+                   image_size=DEFAULT_IMAGE_SIZE, split=DEFAULT_SPLIT, images=None,
+                   canvas=None, clutter=None) -> dict:
     """Validate the knobs and return them as plain JSON types (audio_snr_db None = clean)."""
     def check(knob, value, wanted, predicate):
         try:
@@ -100,6 +105,13 @@ def resolve_params(seed=DEFAULT_SEED, audio_snr_db=DEFAULT_AUDIO_SNR_DB,
         check("images", images, f"None or an integer from {MIN_IMAGES} to {NUM_IMAGES}",
               lambda v: int(v) == v and MIN_IMAGES <= v <= NUM_IMAGES)
         params["images"] = int(images)
+    # The imbalanced setting's knobs, absent by default like images (the default key stays).
+    if canvas is not None:
+        check("canvas", canvas, f"an integer from {NATIVE_SIZE} to 64", lambda v: int(v) == v and NATIVE_SIZE <= v <= 64)
+        params["canvas"] = int(canvas)
+    if clutter is not None:
+        check("clutter", clutter, "an integer from 0 to 64", lambda v: int(v) == v and 0 <= v <= 64)
+        params["clutter"] = int(clutter)
     return params
 
 
@@ -211,14 +223,32 @@ def render_audio(speech, rng, snr_db):
     return (buffer * scale).astype(np.float32)
 
 
-def render_frames(image, rng, noise_std, occlusion, frames, size):
-    """Independent noisy (and occluded) views of one 8x8 digit, as size x size BGR uint8."""
+def place_on_canvas(base, rng, canvas: int, clutter: int, distractors) -> np.ndarray:
+    """The 8x8 digit at a random place of a canvas x canvas board, over ``clutter`` random
+    4x4 fragments of other digits (``distractors``: a pool of 8x8 images in [0, 1]). The
+    fragments carry no label: the digit must be found, which makes vision slow to learn."""
+    board = np.zeros((canvas, canvas), dtype=np.float32)
+    for _ in range(clutter):
+        other = distractors[int(rng.integers(len(distractors)))]
+        y, x = rng.integers(0, NATIVE_SIZE - 4 + 1, size=2)
+        top, left = rng.integers(0, canvas - 4 + 1, size=2)
+        board[top:top + 4, left:left + 4] = np.maximum(board[top:top + 4, left:left + 4], other[y:y + 4, x:x + 4])
+    top, left = rng.integers(0, canvas - NATIVE_SIZE + 1, size=2)
+    board[top:top + NATIVE_SIZE, left:left + NATIVE_SIZE] = np.maximum(
+        board[top:top + NATIVE_SIZE, left:left + NATIVE_SIZE], base)
+    return board
+
+
+def render_frames(image, rng, noise_std, occlusion, frames, size, canvas=None, clutter=0, distractors=None):
+    """Independent noisy (and occluded) views of one 8x8 digit, as size x size BGR uint8; with
+    ``canvas``, each view places the digit anew on a larger cluttered board."""
     import cv2
 
-    base = image.astype(np.float32) / 16.0
+    digit = image.astype(np.float32) / 16.0
     side = int(round(occlusion * NATIVE_SIZE))
     views = []
     for _ in range(frames):
+        base = digit if canvas is None else place_on_canvas(digit, rng, canvas, clutter, distractors)
         view = base + rng.normal(0.0, noise_std, base.shape).astype(np.float32)
         if side > 0:
             top, left = rng.integers(0, NATIVE_SIZE - side + 1, size=2)
@@ -227,6 +257,15 @@ def render_frames(image, rng, noise_std, occlusion, frames, size):
         gray = np.round(view * 255).astype(np.uint8)
         views.append(cv2.cvtColor(gray, cv2.COLOR_GRAY2BGR))
     return views
+
+
+def params_from_marker(marker: dict) -> dict:
+    """``materialize`` keyword arguments that rebuild the copy a marker describes."""
+    params = dict(marker.get("params", {}))
+    if params.get("audio_snr_db") is not None:
+        params["audio_snr_db"] = tuple(params["audio_snr_db"])
+    params["split"] = tuple(params.get("split", DEFAULT_SPLIT))
+    return params
 
 
 def read_marker(root: Path):
@@ -244,6 +283,7 @@ def build_into(folder: Path, params: dict, clips: list, fingerprint: str, skippe
 
     digits = load_digits()
     images, labels = digits.images, digits.target
+    distractors = images.astype(np.float32) / 16.0
     seed, snr_range = params["seed"], params["audio_snr_db"]
     kept = subset_indices(labels, params.get("images"), seed)
     image_splits = dict(zip(kept, assign_image_splits(labels[kept], params["split"], seed)))
@@ -276,7 +316,8 @@ def build_into(folder: Path, params: dict, clips: list, fingerprint: str, skippe
         clip_frames.mkdir()
         views = render_frames(images[index], rng, params["visual_noise_std"],
                               params["visual_occlusion"], params["frames_per_clip"],
-                              params["image_size"])
+                              params["image_size"], params.get("canvas"), params.get("clutter", 0),
+                              distractors)
         for frame_index, view in enumerate(views):
             frame_path = clip_frames / f"{frame_index:05d}.jpg"
             if not cv2.imwrite(str(frame_path), view, [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY]):
@@ -308,7 +349,8 @@ def materialize(root, *, seed=DEFAULT_SEED, audio_snr_db=DEFAULT_AUDIO_SNR_DB,
                 visual_noise_std=DEFAULT_VISUAL_NOISE_STD,
                 visual_occlusion=DEFAULT_VISUAL_OCCLUSION,
                 frames_per_clip=DEFAULT_FRAMES_PER_CLIP, image_size=DEFAULT_IMAGE_SIZE,
-                split=DEFAULT_SPLIT, images=None, force=False, assets_dir=None) -> Path:
+                split=DEFAULT_SPLIT, images=None, canvas=None, clutter=None, force=False,
+                assets_dir=None) -> Path:
     """Build AV-Digits into `root` once; later calls with the same knobs return at once.
 
     audio_snr_db: (low, high) dB range of the per-sample SNR, or None for clean audio.
@@ -318,12 +360,15 @@ def materialize(root, *, seed=DEFAULT_SEED, audio_snr_db=DEFAULT_AUDIO_SNR_DB,
     split: (train, val, test) fractions for both the images and the voices.
     images: build a stratified, seeded subset of this many of the 1,797 images (None: all),
     for quick experiments and tests.
+    canvas, clutter: place each view's digit at a random position of a canvas x canvas
+    board (in 8x8-image pixels) over ``clutter`` fragments of random other digits (None: the
+    plain 8x8 image); the imbalanced setting (AVDigitsImbalanced) uses them.
     Different knobs, changed assets or force=True rebuild: the new copy is built in a
     hidden sibling folder and swapped in by rename, so `root` is never half-written.
     A non-empty `root` not made by this function is refused.
     """
     params = resolve_params(seed, audio_snr_db, visual_noise_std, visual_occlusion,
-                            frames_per_clip, image_size, split, images)
+                            frames_per_clip, image_size, split, images, canvas, clutter)
     root = Path(root).expanduser()
     assets_dir = ASSETS_DIR if assets_dir is None else Path(assets_dir)
     fingerprint, rows = read_assets(assets_dir)

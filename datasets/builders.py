@@ -8,15 +8,18 @@ from __future__ import annotations
 import importlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 from torch.utils.data import Dataset
 
-from config import Config, DatasetSpec, cache_home
+from datasets.registry import DatasetSpec, cache_home
 from datasets.audio import AudioRecipe
 from datasets.av_base import AVClip, AVClipDataset, VisualRecipe, collate_skipping_bad, keep_available
 from datasets.splits import class_index, read_clip_labels
 from utils.errors import UserError
+
+if TYPE_CHECKING:  # the run's options; datasets sit below config and never import it
+    from config import Config
 
 
 @dataclass
@@ -59,8 +62,9 @@ def spectrogram_function(cfg: Config, root: Path):
 
 def av_bundle(cfg: Config, root: Path, splits: dict[str, Sequence[tuple[str, str]]],
               class_names: Sequence[str], audio_path: Callable[[str], Path],
-              frame_dir: Callable[[str], Path]) -> DataBundle:
-    """Turn ``split -> [(clip, label_name)]`` into AV datasets on the shared recipe."""
+              frame_dir: Callable[[str], Path], split_files: dict[str, str] | None = None) -> DataBundle:
+    """Turn ``split -> [(clip, label_name)]`` into AV datasets on the shared recipe;
+    ``split_files`` (split -> the file its clip names came from) goes into missing-clip messages."""
     index = class_index(class_names)
     audio, visual = audio_recipe(cfg), visual_recipe(cfg)
     spec_fn = spectrogram_function(cfg, root)
@@ -70,7 +74,7 @@ def av_bundle(cfg: Config, root: Path, splits: dict[str, Sequence[tuple[str, str
         if unknown:
             raise UserError(f"the {split} split has labels absent from the class list: {unknown[:5]}")
         clips = [AVClip(name, index[label], audio_path(name), frame_dir(name)) for name, label in rows]
-        clips = keep_available(clips, split, cfg.max_missing)
+        clips = keep_available(clips, split, cfg.max_missing, split_file=(split_files or {}).get(split))
         datasets[split] = AVClipDataset(clips, audio, visual, train=(split == "train"), spectrogram_fn=spec_fn)
     return DataBundle(datasets["train"], datasets["val"], datasets["test"], list(class_names), root=root)
 
@@ -80,16 +84,29 @@ def frames_folder(root: Path, fps_kept: int = 1) -> Path:
     return Path(root) / f"Image-{fps_kept:02d}-FPS"
 
 
-def build_avdigits(cfg: Config, spec: DatasetSpec) -> DataBundle:
+def build_avdigits(cfg: Config, spec: DatasetSpec, params: dict | None = None) -> DataBundle:
+    """AV-Digits (``params``: materialization knobs, the defaults when None) built once under
+    the cache; a --data-root holding a materialized AV-Digits is read with its own knobs."""
     from datasets import avdigits
 
+    params = dict(params or {})
     root = Path(cfg.data_root).expanduser() if cfg.data_root else spec.default_root()
     if root is None:
-        root = cache_home() / f"AVDigits-{avdigits.params_key()}"
-    root = avdigits.materialize(root)
+        root = cache_home() / f"{spec.name}-{avdigits.params_key(**params)}"
+    else:
+        saved = avdigits.read_marker(root)
+        params = avdigits.params_from_marker(saved) if saved else params
+    root = avdigits.materialize(root, **params)
     class_names = [line.strip() for line in (root / "classes.txt").read_text().splitlines() if line.strip()]
     splits = {split: read_clip_labels(root / f"{split}.csv") for split in ("train", "val", "test")}
     frames = frames_folder(root)
     return av_bundle(cfg, root, splits, class_names,
                      audio_path=lambda clip: root / "audio" / f"{clip}.wav",
                      frame_dir=lambda clip: frames / clip)
+
+
+def build_avdigits_imbalanced(cfg: Config, spec: DatasetSpec) -> DataBundle:
+    """AV-Digits with a slow visual modality and a fast audio one (``avdigits.IMBALANCED``)."""
+    from datasets import avdigits
+
+    return build_avdigits(cfg, spec, avdigits.IMBALANCED)

@@ -213,3 +213,103 @@ def extract_frames(video_path, out_dir, fps=1, method="auto", decoder_threads=No
     os.replace(partial, out_dir)
     return count
 
+
+
+# ---------------------------------------------------------------- faces (MER-MULTI)
+
+FACE_SIZE = 112          # side of the saved face crops, as OpenFace's aligned faces in MER2023's tools
+FACE_MARGIN = 0.2        # the detected box grown by this share on every side (forehead, chin)
+DETECTION_SIDE = 320     # frames are searched at most this large (the longer side), then cropped in full size
+_FACE_DETECTOR = None
+
+
+def face_detector():
+    """scikit-image's bundled LBP frontal-face cascade (no download; OpenCV 5 no longer ships its
+    Haar cascades), loaded once per process."""
+    global _FACE_DETECTOR
+    if _FACE_DETECTOR is None:
+        from skimage.data import lbp_frontal_face_cascade_filename
+        from skimage.feature import Cascade
+
+        _FACE_DETECTOR = Cascade(lbp_frontal_face_cascade_filename())
+    return _FACE_DETECTOR
+
+
+def largest_face(frame):
+    """(top, left, height, width) in ``frame``'s pixels of the largest detected face, or None."""
+    import cv2
+    height, width = frame.shape[:2]
+    scale = min(1.0, DETECTION_SIDE / max(height, width))
+    small = cv2.resize(frame, (round(width * scale), round(height * scale)), interpolation=cv2.INTER_AREA)
+    gray = cv2.equalizeHist(cv2.cvtColor(small, cv2.COLOR_BGR2GRAY)).astype("float32") / 255.0
+    side = min(gray.shape)
+    found = face_detector().detect_multi_scale(img=gray, scale_factor=1.2, step_ratio=1,
+                                               min_size=(max(24, side // 8),) * 2, max_size=(side, side))
+    if not found:
+        return None
+    best = max(found, key=lambda box: box["width"] * box["height"])
+    return tuple(round(best[key] / scale) for key in ("r", "c", "height", "width"))
+
+
+def face_crop(frame, box, size=FACE_SIZE, margin=FACE_MARGIN):
+    """The square around ``box`` grown by ``margin``, clamped to the frame, resized to ``size``."""
+    import cv2
+    top, left, height, width = box
+    side = round(max(height, width) * (1 + 2 * margin))
+    centre_y, centre_x = top + height / 2, left + width / 2
+    y0 = int(max(0, min(frame.shape[0] - side, centre_y - side / 2)))
+    x0 = int(max(0, min(frame.shape[1] - side, centre_x - side / 2)))
+    crop = frame[y0:y0 + side, x0:x0 + side]
+    return cv2.resize(crop, (size, size), interpolation=cv2.INTER_AREA)
+
+
+def _every_frame(capture):
+    index = 0
+    while True:
+        ok, frame = capture.read()
+        if not ok or frame is None:
+            return
+        yield index, frame
+        index += 1
+
+
+def extract_faces(video_path, out_dir, fps=0, face_size=FACE_SIZE, decoder_threads=None,
+                  jpeg_quality=JPEG_QUALITY):
+    """Save the largest face of every frame (``fps`` 0; else ``fps`` frames per second, chosen as
+    the frame extraction chooses them) as ``out_dir/<frame>.jpg``, a ``face_size`` square, named
+    after the source frame; frames without a face are left out, as OpenFace leaves out frames it
+    cannot align. Written into a hidden sibling folder renamed at the end, so ``out_dir``
+    existing means the clip is complete. Returns the number of faces saved."""
+    import cv2
+    out_dir = Path(out_dir)
+    partial = temp_sibling(out_dir)
+    shutil.rmtree(partial, ignore_errors=True)  # left over from a killed run
+    capture = _open_capture(video_path, decoder_threads)
+    frames = saved = 0
+    try:
+        source_fps = capture.get(cv2.CAP_PROP_FPS)
+        if fps and (not source_fps or source_fps != source_fps or source_fps > 1000):
+            raise MediaError(f"video reports no usable frame rate ({source_fps})")
+        if fps and fps > max(1, int(source_fps)):
+            raise MediaError(f"--fps {fps} exceeds the video's frame rate ({source_fps:g})")
+        partial.mkdir(parents=True)
+        chosen = _frames_by_grab(capture, source_fps, fps) if fps else _every_frame(capture)
+        for frames, (index, frame) in enumerate(chosen, start=1):
+            box = largest_face(frame)
+            if box is None:
+                continue
+            target = partial / f"{index:05d}.jpg"
+            if not cv2.imwrite(str(target), face_crop(frame, box, face_size),
+                               [cv2.IMWRITE_JPEG_QUALITY, jpeg_quality]):
+                raise MediaError(f"could not write {target}")
+            saved += 1
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    finally:
+        capture.release()
+    if saved == 0:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise MediaError("no frame could be decoded" if frames == 0 else f"no face found in {frames} frames")
+    os.replace(partial, out_dir)
+    return saved

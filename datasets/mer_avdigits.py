@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from config import cache_home
+from datasets.registry import cache_home
 from utils.atomic_dir import build_folder_atomically
 from utils.errors import UserError
 

@@ -1,4 +1,5 @@
-"""The one implementation behind data/<DATASET>/video_preprocessing.py and mp4_to_wav.py.
+"""The one implementation behind data/<DATASET>/video_preprocessing.py, mp4_to_wav.py and
+data/MERMULTI/face_preprocessing.py.
 
 Finds the raw videos, skips clips whose output already exists (so a killed run resumes),
 fans the rest out over a process pool, and ends with a one-line summary plus a log of
@@ -15,8 +16,11 @@ from typing import Callable, Optional
 
 from tqdm import tqdm
 
-from datasets.media import (AUDIO_SAMPLE_RATE, FFMPEG_TIMEOUT_S, FRAME_METHODS, POOL_DECODER_THREADS,
-                            MediaError, extract_audio, extract_frames, frames_dir_name, find_ffmpeg)
+from datasets.media import (AUDIO_SAMPLE_RATE, FACE_SIZE, FFMPEG_TIMEOUT_S, FRAME_METHODS, POOL_DECODER_THREADS,
+                            MediaError, extract_audio, extract_faces, extract_frames, frames_dir_name, find_ffmpeg)
+
+SCRIPTS = {"frames": "video_preprocessing", "audio": "mp4_to_wav", "faces": "face_preprocessing"}
+FACES_DIR = "openface_face"  # where MER2023's tools (and the released OLM config) look for face images
 
 
 def first_field(line):
@@ -32,6 +36,12 @@ def ave_clip(line):
     return fields[1].strip()
 
 
+def mer_clip(line):
+    """MER-MULTI's labels.csv rows `name,emo,val,split` (header `name,...` optional)."""
+    clip = first_field(line)
+    return None if clip is None or clip.lower() == "name" else clip
+
+
 def vggsound_clip(line):
     """VGGSound rows `ytid,start,label,split` name the file `<ytid>_<start:06d>.mp4`."""
     fields = next(csv.reader([line]))
@@ -43,11 +53,20 @@ def vggsound_clip(line):
 @dataclass(frozen=True)
 class DatasetLayout:
     name: str
-    video_suffix: str
+    video_suffix: str | tuple[str, ...]  # one suffix, or several a dataset's videos come in
     clip_from_split_line: Callable[[str], Optional[str]]
     # Where the raw videos usually sit inside --root when --video-dir is not given (the
     # datasets' own downloads and the released scripts' folders); else all of --root is searched.
     video_subdirs: tuple[str, ...] = ()
+
+    @property
+    def suffixes(self) -> tuple[str, ...]:
+        return (self.video_suffix,) if isinstance(self.video_suffix, str) else tuple(self.video_suffix)
+
+    @property
+    def pattern(self) -> str:
+        """`*.mp4`, or `*.avi / *.mp4`, for messages."""
+        return " / ".join(f"*{suffix}" for suffix in self.suffixes)
 
 
 LAYOUTS = {
@@ -56,6 +75,14 @@ LAYOUTS = {
     "KineticSound": DatasetLayout("Kinetics-Sounds", ".mp4", first_field,
                                   video_subdirs=("video_train", "video_test")),
     "VGGSound": DatasetLayout("VGGSound", ".mp4", vggsound_clip, video_subdirs=("video",)),
+    # MER 2023's raw videos (the released OLM config reads them from dataset-process/video/).
+    "MERMULTI": DatasetLayout("MER-MULTI", (".avi", ".mp4"), mer_clip, video_subdirs=("video",)),
+}
+DESCRIPTIONS = {
+    "frames": "keep --fps frames per second of every video as JPEGs in <root>/Image-NN-FPS/<clip>/",
+    "audio": "extract every video's audio as <root>/audio/<clip>.wav (16 kHz mono)",
+    "faces": f"save the largest face of every frame as <root>/{FACES_DIR}/<clip>/<frame>.jpg "
+             f"({FACE_SIZE}x{FACE_SIZE}, scikit-image's frontal-face cascade)",
 }
 
 
@@ -82,14 +109,11 @@ def _positive_int(text):
 
 
 def build_parser(layout, task):
-    video_help = (f"folder searched recursively for raw *{layout.video_suffix} videos (default: "
+    video_help = (f"folder searched recursively for raw {layout.pattern} videos (default: "
                   + " and ".join(f"<root>/{d}" for d in layout.video_subdirs)
                   + " where they exist, else all of --root)")
     parser = argparse.ArgumentParser(
-        description=(f"{layout.name}: " + ("keep --fps frames per second of every video as JPEGs "
-                     "in <root>/Image-NN-FPS/<clip>/" if task == "frames" else
-                     "extract every video's audio as <root>/audio/<clip>.wav (16 kHz mono)")
-                     + ". Finished clips are skipped, so rerunning resumes."))
+        description=f"{layout.name}: {DESCRIPTIONS[task]}. Finished clips are skipped, so rerunning resumes.")
     parser.add_argument("--root", required=True, type=Path,
                         help="dataset root; outputs and the failure log are written here")
     parser.add_argument("--video-dir", type=Path, default=None, help=video_help)
@@ -104,6 +128,12 @@ def build_parser(layout, task):
         parser.add_argument("--method", choices=FRAME_METHODS, default="auto",
                             help="how skipped frames are passed over: seek, grab, or auto "
                                  "(picks per clip from its keyframe spacing; default)")
+    elif task == "faces":
+        parser.add_argument("--fps", type=int, default=0,
+                            help="frames searched per second of video (default: 0, every frame, as "
+                                 "OpenFace does)")
+        parser.add_argument("--face-size", type=_positive_int, default=FACE_SIZE,
+                            help=f"side of the saved square face images in pixels (default: {FACE_SIZE})")
     else:
         parser.add_argument("--sample-rate", type=_positive_int, default=AUDIO_SAMPLE_RATE,
                             help=f"output sample rate in Hz (default: {AUDIO_SAMPLE_RATE})")
@@ -114,16 +144,18 @@ def build_parser(layout, task):
 
 
 def find_videos(video_dirs, suffix):
-    """clip name -> path; a clip name found twice is returned separately as a failure."""
+    """clip name -> path; a clip name found twice is returned separately as a failure.
+    ``suffix``: one file suffix or a tuple of them."""
+    suffixes = (suffix,) if isinstance(suffix, str) else tuple(suffix)
     videos, duplicates = {}, []
     paths = []
     for video_dir in video_dirs:
         for folder, subfolders, names in os.walk(video_dir):
             # Outputs of earlier runs (frame folders, wavs) hold no videos: do not walk them.
             subfolders[:] = [d for d in subfolders if not (d.startswith((".", "Image-")) or d == "audio")]
-            paths += [Path(folder) / name for name in names if name.lower().endswith(suffix)]
+            paths += [Path(folder) / name for name in names if name.lower().endswith(suffixes)]
     for path in sorted(paths):
-        if path.suffix.lower() != suffix or path.name.startswith(".") or not path.is_file():
+        if path.suffix.lower() not in suffixes or path.name.startswith(".") or not path.is_file():
             continue
         if path.stem in videos:
             duplicates.append((path.stem, str(path), f"duplicate clip name, already taken "
@@ -163,6 +195,12 @@ def _run_clip_job(clip, work, *args, **kwargs):
 def _frames_job(job):
     clip, video, out_dir, fps, method, decoder_threads = job
     return _run_clip_job(clip, extract_frames, video, out_dir, fps=fps, method=method,
+                         decoder_threads=decoder_threads)
+
+
+def _faces_job(job):
+    clip, video, out_dir, fps, face_size, decoder_threads = job
+    return _run_clip_job(clip, extract_faces, video, out_dir, fps=fps, face_size=face_size,
                          decoder_threads=decoder_threads)
 
 
@@ -209,24 +247,26 @@ def _write_failure_log(log_path, script, failures):
 
 def run(layout, task, argv=None):
     """Run one preprocessing task (`frames` or `audio`); return the process exit code."""
-    script = "video_preprocessing" if task == "frames" else "mp4_to_wav"
+    script = SCRIPTS[task]
     args = build_parser(layout, task).parse_args(argv)
+    if task == "faces" and args.fps < 0:
+        raise SystemExit("--fps must be 0 (every frame) or more.")
     root = args.root
     if root.exists() and not root.is_dir():
         raise SystemExit(f"--root {root} is a file, not a folder.")
     video_dirs = video_folders(args.video_dir, root, layout)
     video_dir = video_dirs[0] if len(video_dirs) == 1 else root
 
-    videos, failures = find_videos(video_dirs, layout.video_suffix)
+    videos, failures = find_videos(video_dirs, layout.suffixes)
     clips = sorted(videos)
     if args.split_file:
         clips = read_split_clips(args.split_file, layout)
-        failures += [(clip, "-", f"listed in --split-file but no {clip}{layout.video_suffix} "
+        failures += [(clip, "-", f"listed in --split-file but no {clip} video ({layout.pattern}) "
                                  f"under {video_dir}") for clip in clips if clip not in videos]
         clips = [clip for clip in clips if clip in videos]
     if not clips:
         flag = "--video-dir" if args.video_dir else "--root (no --video-dir given)"
-        raise SystemExit(f"{flag}: no *{layout.video_suffix} videos to process under "
+        raise SystemExit(f"{flag}: no {layout.pattern} videos to process under "
                          f"{video_dir}" + (" for the given --split-file." if args.split_file
                                            else "."))
 
@@ -237,6 +277,12 @@ def run(layout, task, argv=None):
         make_job = lambda clip: (clip, str(videos[clip]), str(outputs[clip]), args.fps,
                                  args.method, decoder_threads)
         worker = _frames_job
+    elif task == "faces":
+        out_dir = root / FACES_DIR
+        outputs = {clip: out_dir / clip for clip in clips}
+        make_job = lambda clip: (clip, str(videos[clip]), str(outputs[clip]), args.fps, args.face_size,
+                                 decoder_threads)
+        worker = _faces_job
     else:
         out_dir = root / "audio"
         outputs = {clip: out_dir / f"{clip}.wav" for clip in clips}

@@ -17,15 +17,18 @@ import logging
 import os
 import tempfile
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import TYPE_CHECKING, Callable, Iterable
 
 import numpy as np
 
-from config import Config, DatasetSpec, cache_home
+from datasets.registry import DatasetSpec, cache_home
 from datasets.av_base import FolderListing
 from datasets.builders import DataBundle, av_bundle, frames_folder
 from datasets import splits as fmt
 from utils.errors import UserError
+
+if TYPE_CHECKING:  # the run's options; datasets sit below config and never import it
+    from config import Config
 
 log = logging.getLogger(__name__)
 REPOSITORY_DATA = Path(__file__).resolve().parents[1] / "data"
@@ -268,19 +271,24 @@ def split_store(root: Path, spec: DatasetSpec) -> Path:
 
 def finish(cfg: Config, spec: DatasetSpec, root: Path, splits: dict[str, Rows],
            located: dict[str, tuple[str, str]], class_names: list[str], where: str,
-           extras: dict | None = None) -> DataBundle:
-    """Class filter, validation carving (where the dataset has none), datasets."""
+           extras: dict | None = None, split_files: dict[str, Path] | None = None) -> DataBundle:
+    """Class filter, validation carving (where the dataset has none), datasets. ``split_files``
+    (split -> the file its clip names were read from) is named when clips are missing."""
     splits = keep_known_classes(splits, class_names, where)
+    named = {split: str(path) for split, path in (split_files or {}).items()}
     if "val" not in splits:
-        train, val = load_or_carve_validation(splits["train"], cfg.val_fraction, split_store(root, spec))
+        store = split_store(root, spec)
+        train, val = load_or_carve_validation(splits["train"], cfg.val_fraction, store)
         splits = {"train": train, "val": val, "test": splits["test"]}
         check_disjoint(splits, f"{where} with the carved validation split")
+        if "train" in named:
+            named["val"] = f"{store / 'val_split.csv'}, carved from {named['train']}"
     log.info("%s: %d classes; %s", spec.name, len(class_names),
              ", ".join(f"{len(rows)} {split}" for split, rows in splits.items()))
     try:
         bundle = av_bundle(cfg, root, splits, class_names,
                            audio_path=lambda clip: located[clip][0],
-                           frame_dir=lambda clip: located[clip][1])
+                           frame_dir=lambda clip: located[clip][1], split_files=named)
     except UserError as error:
         if str(root) in str(error):
             raise
@@ -290,11 +298,12 @@ def finish(cfg: Config, spec: DatasetSpec, root: Path, splits: dict[str, Rows],
 
 
 def read_two(folders: list[Path], spec: DatasetSpec, names: dict[str, str],
-             reader: Callable[[Path], Rows]) -> tuple[dict[str, Rows], str]:
+             reader: Callable[[Path], Rows]) -> tuple[dict[str, Rows], str, dict[str, Path]]:
+    """Rows per split, the files as one string for messages, and split -> file."""
     files = {split: find_split_file(folders, spec, name) for split, name in names.items()}
     where = " / ".join(str(path) for path in files.values())
     rows = {split: without_repeats(reader(path), str(path))[0] for split, path in files.items()}
-    return rows, where
+    return rows, where, files
 
 
 # ---------------------------------------------------------------- the four datasets
@@ -302,13 +311,13 @@ def read_two(folders: list[Path], spec: DatasetSpec, names: dict[str, str],
 def build_cremad(cfg: Config, spec: DatasetSpec) -> DataBundle:
     root = dataset_root(cfg, spec)
     audio_root, frames_root = roots(cfg, root)
-    splits, where = read_two(split_folders(cfg, spec, root), spec,
-                             {"train": "train.csv", "test": "test.csv"}, fmt.read_cremad)
+    splits, where, files = read_two(split_folders(cfg, spec, root), spec,
+                                    {"train": "train.csv", "test": "test.csv"}, fmt.read_cremad)
     check_disjoint(splits, where)
     layout = Layout(lambda source: (audio_root / "AudioWAV", audio_root / "audio"),
                     lambda source: [(frame_root(frames_root), "")])
     located = layout.paths({"all": [row for rows in splits.values() for row in rows]})
-    return finish(cfg, spec, root, splits, located, list(fmt.CREMAD_CLASSES), where)
+    return finish(cfg, spec, root, splits, located, list(fmt.CREMAD_CLASSES), where, split_files=files)
 
 
 def read_ave_splits(cfg: Config, spec: DatasetSpec, root: Path) -> tuple[dict[str, Rows], str, dict]:
@@ -330,7 +339,7 @@ def read_ave_splits(cfg: Config, spec: DatasetSpec, root: Path) -> tuple[dict[st
     overlaps = drop_evaluation_overlaps(splits, where)
     # Every class the files name (the released stat.txt lists all 28), sorted as released, so
     # indices do not shift when duplicates leave a class without training clips.
-    return splits, where, {"ave_duplicates": {**counts, **overlaps}, "classes": sorted(labels)}
+    return splits, where, {"ave_duplicates": {**counts, **overlaps}, "classes": sorted(labels), "files": files}
 
 
 def build_ave(cfg: Config, spec: DatasetSpec) -> DataBundle:
@@ -341,22 +350,24 @@ def build_ave(cfg: Config, spec: DatasetSpec) -> DataBundle:
     layout = Layout(lambda source: (audio_root / "audio",),
                     lambda source: [(frame_root(frames_root), ""), (frames_root / "visual", "")])
     located = layout.paths({"all": [row for rows in splits.values() for row in rows]})
-    class_names = extras.pop("classes")
-    return finish(cfg, spec, root, splits, located, class_names, where, extras)
+    class_names, files = extras.pop("classes"), extras.pop("files")
+    return finish(cfg, spec, root, splits, located, class_names, where, extras, split_files=files)
 
 
 def build_kinetics_sounds(cfg: Config, spec: DatasetSpec) -> DataBundle:
     root = dataset_root(cfg, spec)
     audio_root, frames_root = roots(cfg, root)
-    splits, where = read_two(split_folders(cfg, spec, root), spec,
-                             {"train": "my_train.txt", "test": "my_test.txt"}, fmt.read_kinetics)
+    # Train clips are named ytid_<start>_<end> (six digits each), test clips <ytid>_<N>: name the
+    # wavs and frame folders exactly as the split file lists them.
+    splits, where, files = read_two(split_folders(cfg, spec, root), spec,
+                                    {"train": "my_train.txt", "test": "my_test.txt"}, fmt.read_kinetics)
     check_disjoint(splits, where)
     # The project's scripts: audio/; released: audio_train/ and audio_test/.
     layout = Layout(lambda source: (audio_root / "audio", audio_root / f"audio_{source}"),
                     lambda source: [(frame_root(frames_root), "")])
     located = layout.paths(splits)
     class_names = numeric_range(label for rows in splits.values() for _, label in rows)
-    return finish(cfg, spec, root, splits, located, class_names, where)
+    return finish(cfg, spec, root, splits, located, class_names, where, split_files=files)
 
 
 def build_vggsound(cfg: Config, spec: DatasetSpec) -> DataBundle:
@@ -379,7 +390,8 @@ def build_vggsound(cfg: Config, spec: DatasetSpec) -> DataBundle:
     # does not change while extraction progresses.
     train, val = load_or_carve_validation(catalogue["train"], cfg.val_fraction, split_store(root, spec))
     splits = on_disk_only({"train": train, "val": val, "test": catalogue["test"]}, located, path)
-    return finish(cfg, spec, root, splits, located, class_names, str(path))
+    return finish(cfg, spec, root, splits, located, class_names, str(path),
+                  split_files={split: path for split in splits})
 
 
 def on_disk_only(splits: dict[str, Rows], located: dict[str, tuple[str, str]], listing_file: Path) -> dict[str, Rows]:

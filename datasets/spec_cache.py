@@ -41,7 +41,7 @@ class SpectrogramCache:
     """
 
     def __init__(self, root: Path, cache_dir: Path | None = None):
-        from config import cache_home
+        from datasets.registry import cache_home
 
         self.root = Path(root).expanduser().resolve()
         base = Path(cache_dir) if cache_dir is not None else cache_home() / "spectrograms"

@@ -5,6 +5,10 @@ methods that need held-out losses (OLM's ``rate`` target) draw batches from an i
 cycled held-out iterator, forwarded without gradients and normalized like the training batch
 (``engines.olm.heldout_forward``). ``evaluate`` scores a
 loader with the raw logits.
+
+The loop itself reads nothing back from the device in a step: metrics stay on the device and
+the finiteness checks are recorded there; both come to the host every ``check_every`` steps
+and at the end of the epoch (on a GPU each read waits for every kernel queued before it).
 """
 from __future__ import annotations
 
@@ -18,8 +22,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from engines.metrics import HeadMetrics
-from engines.methods import Method
-from engines.olm import heldout_forward
+from olmbalance import Method
+from olmbalance.olm import heldout_forward
 from utils import distributed
 from utils.errors import UserError
 
@@ -47,9 +51,12 @@ class StepContext:
     heldout_norm: str = "batch"  # engines.olm.heldout_forward: "batch" or "running" statistics
     loss_reduction: str = "mean"  # "sum": losses scaled to sums over the global batch (released)
     progress: bool = True
+    check_every: int = 20  # steps between host reads: finiteness checks and the progress bar's loss
     step: int = 0
     skipped_samples: int = 0
     heldout_cache: dict = field(default_factory=dict)
+    # (step, all finite?, value shown, what) per check made on the device since the last read
+    pending_checks: list = field(default_factory=list)
 
 
 def cycle(loader) -> Iterator:
@@ -97,13 +104,22 @@ def loss_weight(ctx: StepContext, labels: torch.Tensor) -> float:
     return float(labels.shape[0] * distributed.world_size())
 
 
+def too_few_readable(inputs, labels, skipped: int) -> bool:
+    """Nothing readable, or unreadable samples left a single one: BatchNorm cannot take batch
+    statistics of one sample when its feature maps are 1x1 (a batch of one by design, at
+    ``--batch-size 1``, is left to the model)."""
+    return inputs is None or (skipped > 0 and labels.shape[0] < 2)
+
+
 def next_readable(heldout_iter, ctx: StepContext, attempts: int = 100):
-    """The next held-out batch with at least one readable sample (unreadable ones are counted)."""
+    """The next held-out batch with at least one readable sample, or two where unreadable
+    samples shrank it (skipped samples are counted)."""
     for _ in range(attempts):
         inputs, labels, skipped = next(heldout_iter)
         ctx.skipped_samples += skipped
-        if inputs is not None:
+        if not too_few_readable(inputs, labels, skipped):
             return inputs, labels, 0
+        ctx.skipped_samples += 0 if labels is None else labels.shape[0]
     raise UserError(f"{attempts} held-out (validation) batches in a row had no readable sample; "
                     "check the validation split's files")
 
@@ -148,15 +164,50 @@ class DiagnosticMeans:
         return result
 
 
+def record_check(ctx: StepContext, finite: torch.Tensor, value: torch.Tensor, what: str) -> None:
+    """Keep a finiteness check on the device; ``read_checks`` raises for the first that failed."""
+    ctx.pending_checks.append((ctx.step, finite, value, what))
+
+
+def read_checks(ctx: StepContext) -> None:
+    """One read from the device for every check recorded since the last read. Every rank
+    checks the same all-reduced values, so all ranks stop together at the same step."""
+    if not ctx.pending_checks:
+        return
+    checks, ctx.pending_checks = ctx.pending_checks, []
+    finite = torch.stack([c[1] for c in checks]).cpu().tolist()
+    if all(finite):
+        return
+    step, _, value, what = checks[finite.index(False)]
+    detail = f"the training loss became {float(value)}" if what == "loss" else \
+        "the OLM coefficient gradient became non-finite"
+    raise NonFiniteLoss(f"{detail} at step {step}")
+
+
 def train_step(model, method: Method, batch, heldout_iter, ctx: StepContext, metrics: HeadMetrics,
                diagnostics: DiagnosticMeans) -> None:
     inputs, labels, skipped = batch
     ctx.skipped_samples += skipped
     # Under DDP every rank must run the same steps, so a batch with nothing readable on one
     # rank skips that step everywhere.
-    if distributed.any_rank(inputs is None):
+    if distributed.any_rank(too_few_readable(inputs, labels, skipped)):
+        ctx.skipped_samples += 0 if labels is None else labels.shape[0]
         return
     inputs, labels = to_device(inputs, ctx), labels.to(ctx.device, non_blocking=True)
+    for substep in range(method.substeps()):  # 1 but for MLA: one optimizer step per modality
+        step_logits, step_losses = optimizer_step(model, method, inputs, labels, heldout_iter, ctx, diagnostics)
+        if substep == 0:  # what is logged: the batch as the model met it, as for every method
+            logits, losses = step_logits, step_losses
+    ctx.step += 1
+    # Logged like val/test, on the raw logits; the loss the method trained on sits beside it.
+    with torch.no_grad():
+        metrics.update(logits, labels, head_losses(logits, labels, method.heads), modulated=losses)
+
+
+def optimizer_step(model, method: Method, inputs, labels, heldout_iter, ctx: StepContext,
+                   diagnostics: DiagnosticMeans):
+    """One forward, backward and optimizer step on a batch already on the device; returns the
+    step's logits and the per-head losses the method trained on."""
     optimizers = [o for o in (ctx.network_optimizer, ctx.coefficient_optimizer) if o is not None]
     for optimizer in optimizers:
         optimizer.zero_grad(set_to_none=True)
@@ -173,8 +224,7 @@ def train_step(model, method: Method, batch, heldout_iter, ctx: StepContext, met
     # together when any of them sees a non-finite loss.
     reduced = distributed.all_reduce_mean(torch.stack([*(losses[h].detach() for h in method.heads),
                                                        loss.detach().float()]))
-    if not bool(torch.isfinite(reduced).all()):
-        raise NonFiniteLoss(f"the training loss became {float(reduced[-1])} at step {ctx.step}")
+    record_check(ctx, torch.isfinite(reduced).all(), reduced[-1], "loss")
     train_reduced = dict(zip(method.heads, reduced[:-1]))
     coefficients = method.coefficient_parameters()
 
@@ -216,13 +266,12 @@ def train_step(model, method: Method, batch, heldout_iter, ctx: StepContext, met
     else:
         ctx.network_optimizer.step()
     if step_coefficients:
-        if not all(bool(torch.isfinite(p.grad).all()) for p in coefficients if p.grad is not None):
-            raise NonFiniteLoss(f"the OLM coefficient gradient became non-finite at step {ctx.step}")
+        grads = [p.grad.detach().reshape(-1) for p in coefficients if p.grad is not None]
+        if grads:
+            gradient = torch.cat(grads)
+            record_check(ctx, torch.isfinite(gradient).all(), gradient.sum(), "coefficient gradient")
         ctx.coefficient_optimizer.step()
-    ctx.step += 1
-    # Logged like val/test, on the raw logits; the loss the method trained on sits beside it.
-    with torch.no_grad():
-        metrics.update(logits, labels, head_losses(logits, labels, method.heads), modulated=losses)
+    return logits, losses
 
 
 def train_one_epoch(model, method: Method, loader, heldout_iter, ctx: StepContext, epoch: int):
@@ -232,9 +281,16 @@ def train_one_epoch(model, method: Method, loader, heldout_iter, ctx: StepContex
     bar = tqdm(loader, desc=f"epoch {epoch} train", leave=False, dynamic_ncols=True,
                disable=not (ctx.progress and distributed.is_main()))
     for batch in bar:
-        train_step(model, method, batch, heldout_iter, ctx, metrics, diagnostics)
-        if metrics.count:
-            bar.set_postfix(loss=f"{sum(metrics.loss_sums.values()) / metrics.count:.3f}")
+        try:
+            train_step(model, method, batch, heldout_iter, ctx, metrics, diagnostics)
+        except Exception:
+            read_checks(ctx)  # a loss that turned non-finite earlier is the cause to report
+            raise
+        if ctx.step % max(1, ctx.check_every) == 0:  # the logging interval: the only host reads
+            read_checks(ctx)
+            if metrics.count and not bar.disable:
+                bar.set_postfix(loss=f"{sum(metrics.loss_sums.values()) / metrics.count:.3f}")
+    read_checks(ctx)
     return metrics, diagnostics.means(method.heads)
 
 

@@ -16,13 +16,16 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from config import Config
-from engines.engines_logits_com import NonFiniteLoss, StepContext, cycle, evaluate, train_one_epoch
-from engines.methods import Method
+from engines.engines_logits_com import NonFiniteLoss, StepContext, cycle, evaluate, to_device, train_one_epoch
+from engines.epoch_data import LoaderEpochData
+from olmbalance import Method
 from utils import distributed
 from utils.checkpoint import (INFERENCE_KIND, load_training_checkpoint, remove_stale_temporaries,
                               restore_rng_state, resume_path, rng_state, save_atomic)
-from utils.distributed_data import ShardedSampler, per_rank_batch, reduce_metrics
+from engines.metrics import reduce_metrics
+from utils.distributed_data import ShardedSampler, per_rank_batch
 from utils.distributed_setup import wrap_model
+from utils.device import channels_last
 from utils.errors import UserError
 from utils.run_logging import RunLogger, write_json
 from utils.seed import loader_generator, seed_worker
@@ -77,12 +80,18 @@ def make_loaders(cfg: Config, data, device: torch.device, need_heldout: bool) ->
     eval_batch = max(1, (cfg.eval_batch_size or 2 * cfg.batch_size) // world)
     heldout = None
     if need_heldout:
+        # Every held-out batch is full (the loader is cycled, so a short last batch would only
+        # add a noisier measurement, or a batch of one that BatchNorm cannot normalize).
         heldout_batch = max(1, min(cfg.heldout_batch_size, len(data.val)) // world)
         heldout = loader(data.val, heldout_batch,
-                         ShardedSampler(len(data.val), generators["heldout"], global_batch=heldout_batch * world),
+                         ShardedSampler(len(data.val), generators["heldout"], global_batch=heldout_batch * world,
+                                        min_last=heldout_batch),
                          spare(), persistent=True)
+    # A trailing training batch of one sample per process is left out of the epoch (drawn
+    # afresh every epoch); evaluation runs in eval mode, where a batch of one is fine.
     train = loader(data.train, train_batch,
-                   ShardedSampler(len(data.train), generators["train"], global_batch=train_batch * world),
+                   ShardedSampler(len(data.train), generators["train"], global_batch=train_batch * world,
+                                  min_last=min(2, train_batch)),
                    generators["train"], persistent=False)
     return Loaders(train=train,
                    val=loader(data.val, eval_batch, ShardedSampler(len(data.val), pad=False), spare(), True),
@@ -132,7 +141,7 @@ def make_context(cfg: Config, model: nn.Module, method: Method, device: torch.de
     # bf16 keeps float32's exponent range, so only fp16 needs loss scaling.
     scaler = fp16_scaler(cfg, device.type) if dtype == torch.float16 else None
     return StepContext(device=device, network_optimizer=network, coefficient_optimizer=coefficient_optimizer,
-                       scaler=scaler, amp_dtype=dtype, channels_last=cfg.channels_last,
+                       scaler=scaler, amp_dtype=dtype, channels_last=channels_last(cfg, device),
                        heldout_every=max(1, cfg.heldout_every), heldout_norm=cfg.heldout_norm,
                        loss_reduction=cfg.loss_reduction, progress=cfg.progress)
 
@@ -218,6 +227,10 @@ def fit(cfg: Config, model: nn.Module, method: Method, loaders: Loaders, run_dir
             # Re-created every epoch from the saved generator state, so a resumed run draws
             # the same held-out batches as an uninterrupted one.
             heldout_iter = cycle(loaders.heldout) if loaders.heldout is not None else None
+            # Methods that read the data themselves (PMR's prototypes) do it here; never test data.
+            method.start_epoch(epoch, net, LoaderEpochData(loaders.train, loaders.val, device, cfg.seed, epoch,
+                                                           lambda inputs: to_device(inputs, ctx)))
+            net.train()
             try:
                 train_metrics, diagnostics = train_one_epoch(model, method, loaders.train, heldout_iter, ctx, epoch)
             except NonFiniteLoss as error:

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from engines.olm import LogitModulator, heldout_forward
+from olmbalance.olm import LogitModulator, heldout_forward
 
 
 def reshuffled(loader):
@@ -19,7 +19,9 @@ def reshuffled(loader):
 
 def train_with_olm(model, heads, train_loader, val_loader, epochs=1, lr=1e-3):
     """``model(x)`` returns {head: (B, classes) logits}; returns the trained LogitModulator."""
-    modulator = LogitModulator(heads, target="rate", reference_steps=len(train_loader))
+    steps = len(train_loader)                            # reference window: the first epoch;
+    modulator = LogitModulator(heads, target="rate", reference_steps=steps,  # L0 = mean of its
+                               reference_tail=max(1, -(-steps // 4)))       # last quarter
     net_opt = torch.optim.Adam(model.parameters(), lr=lr)
     coef_opt = torch.optim.Adam([modulator.coefficients], lr=1e-3)
     heldout = reshuffled(val_loader)                     # drawn on its own: every train batch is used

@@ -11,6 +11,9 @@ from typing import Sequence
 import torch
 from torch import nn
 
+# What the methods need from a fusion head lives with them (olmbalance, torch only).
+from olmbalance.model_access import modality_parts  # noqa: F401
+
 FUSIONS = ("sum", "concat", "film", "gated", "attention", "bilinear", "bilinear_full")
 
 
@@ -132,10 +135,3 @@ def build_fusion(name: str, dims: Sequence[int], num_classes: int) -> nn.Module:
     if len(dims) < 2:
         raise ValueError("late fusion needs at least two modalities")
     return _BUILDERS[name](list(dims), num_classes)
-
-
-def modality_parts(fusion: nn.Module, features: Sequence[torch.Tensor]) -> list[torch.Tensor] | None:
-    """Each modality's share of ``fusion``'s logits, or None where the head mixes modalities
-    before classifying (film, gated, attention, bilinear) and no such share exists."""
-    split = getattr(fusion, "modality_logits", None)
-    return split(features) if split is not None else None

@@ -19,7 +19,10 @@ Environment: METHODS="joint olm" limits the methods, and an entry METHOD:--flag=
 runs a variant under its own label (olm:--heldout-norm=running -> olm-running-s<seed>/);
 PYTHON picks the interpreter;
 KEEP_CHECKPOINTS (default none: the report needs no checkpoint) is passed to
---keep-checkpoints, e.g. KEEP_CHECKPOINTS=best keeps each run's weights.
+--keep-checkpoints, e.g. KEEP_CHECKPOINTS=best keeps each run's weights. Each run
+measures its imbalance diagnostics from best.pt before pruning it and keeps
+predictions.npz, which the report's unimodal-ensemble row (audio_only + visual_only of
+the same seed) averages.
 EOF
 }
 
@@ -84,8 +87,9 @@ for seed in $(seq 0 $((SEEDS - 1))); do
       mv "$run" "$stale"; echo "== $label seed $seed: moved an unfinished run without checkpoint to $stale"
     fi
     echo "== $label seed $seed -> $run"
-    # The report reads results.json and metrics.jsonl only: no checkpoint is kept once a run
-    # has finished (last.pt exists while it trains, so an interrupted run still resumes).
+    # The report reads results.json, metrics.jsonl and predictions.npz only: no checkpoint is
+    # kept once a run has finished (last.pt exists while it trains, so an interrupted run
+    # still resumes).
     if ! "$PYTHON" main.py --keep-checkpoints "$KEEP" --dataset "$DATASET" --method "$method" --seed "$seed" --out "$run" \
          "${DEVICE[@]}" "${resume[@]}" "${EXTRA[@]}" "${variant_flags[@]}"; then
       failed+=("$label-s$seed")

@@ -14,9 +14,10 @@ from torch import nn
 
 from config import Config
 from engines.engines_logits_com import DiagnosticMeans, StepContext, cycle, train_step
-from engines.methods import METHODS, build_method, check_method_name, method_from_config
+from engines.methods import method_from_config
+from olmbalance import METHODS, build_method, method_entry
 from engines.metrics import HeadMetrics
-from engines.olm import LogitModulator
+from olmbalance.olm import LogitModulator
 from engines.trainer import fp16_scaler, make_context, make_loaders
 from tests.scaling_fixtures import VectorModel, vector_data
 
@@ -96,7 +97,7 @@ def test_channels_last_changes_layout_not_results():
 
 
 def registered_methods() -> list[str]:
-    check_method_name("olm")  # imports every module that registers methods
+    method_entry("olm")  # imports every module that registers methods
     return sorted(METHODS)
 
 
@@ -123,6 +124,10 @@ def test_every_method_trains_under_autocast_with_loss_scaling(name, dtype):
     cfg = Config(method=name, batch_size=16, lr=1e-2, coef_lr=1e-2, progress=False, device="cpu")
     method = method_from_config(cfg, model.heads, train_size=64)
     method.setup(model)
+    if name == "pmr":  # prototypes first, so that its prototype terms run under autocast too
+        from tests.test_equivalence_pmr import BatchList
+        method.start_epoch(1, model, BatchList([autocast_batch(98)[:2]]))
+        model.train()
     ctx = make_context(cfg, model, method, torch.device("cpu"))
     # What --amp gives on CUDA, on the CPU: autocast around the forwards, GradScaler's scaling.
     ctx.amp_dtype, ctx.scaler = dtype, fp16_scaler(cfg, "cpu")

@@ -159,7 +159,7 @@ class FailingModel(VectorModel):
 
 
 def test_non_finite_loss_stops_with_the_last_good_checkpoint_intact(tmp_path):
-    from engines.methods import build_method
+    from olmbalance import build_method
     from engines.trainer import fit, make_loaders
 
     cfg = Config(epochs=3, batch_size=16, lr=1e-2, progress=False, plots=False, device="cpu")
@@ -178,7 +178,7 @@ def test_non_finite_loss_stops_with_the_last_good_checkpoint_intact(tmp_path):
 
 
 def test_resuming_into_another_model_names_the_checkpoint(tmp_path):
-    from engines.methods import build_method
+    from olmbalance import build_method
     from engines.trainer import fit, make_loaders
 
     cfg = Config(epochs=1, batch_size=16, progress=False, plots=False, device="cpu")

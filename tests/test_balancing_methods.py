@@ -6,14 +6,12 @@ import pytest
 import torch
 from torch import nn
 
-from engines.agm import ScaleGradient, agm_coefficients, shapley_responses
+from olmbalance.agm import ScaleGradient, agm_coefficients, shapley_responses
 from engines.engines_logits_com import DiagnosticMeans, StepContext, train_step
-from engines.g_blending import blending_weights
-from engines.methods import build_method
+from olmbalance import build_method
 from engines.metrics import HeadMetrics
-from engines.mla import entropy_weights, uncertainty_fusion, update_projector
-from engines.mmpareto import combine, min_norm_weights, pareto_weights
-from engines.pmr import prototype_distances, rebalance_weights
+from olmbalance.mla import entropy_weights, uncertainty_fusion, update_projector
+from olmbalance.mmpareto import combine, min_norm_weights, pareto_weights
 from tests.test_distributed import assert_identical
 from tests.tiny import TinyModel, tiny_late_fusion
 from utils.errors import UserError
@@ -40,75 +38,10 @@ def step(model, method, seed=1):
     return diagnostics.means(method.heads)
 
 
-# -- G-Blending ---------------------------------------------------------------------------------
-def test_g_blending_weights_follow_generalization_over_overfitting_squared():
-    # heads audio, visual, fusion. dG = val_ref - val_now = 0.2, 0.1, 0.2;
-    # O = val - train: ref 0.1, 0.1, 0.1, now 0.3, 0.2, 0.3, so dO = 0.2, 0.1, 0.2;
-    # dG / dO^2 = 5, 10, 5 -> normalized to sum 3: 0.75, 1.5, 0.75.
-    weights = blending_weights(torch.tensor([1.0, 1.2, 0.9]), torch.tensor([1.1, 1.3, 1.0]),
-                               torch.tensor([0.6, 1.0, 0.5]), torch.tensor([0.9, 1.2, 0.8]), torch.ones(3))
-    assert weights.tolist() == pytest.approx([0.75, 1.5, 0.75], rel=1e-4)
-    # A head whose held-out loss rose gets no weight; if none improved the old weights stay.
-    worse = blending_weights(torch.tensor([1.0, 1.0]), torch.tensor([1.0, 1.0]), torch.tensor([0.5, 0.5]),
-                             torch.tensor([1.2, 0.9]), torch.ones(2))
-    assert worse.tolist() == pytest.approx([0.0, 2.0])
-    kept = torch.tensor([0.5, 1.5])
-    assert blending_weights(torch.ones(2), torch.ones(2), torch.ones(2), torch.full((2,), 1.1), kept).tolist() == [0.5, 1.5]
+# G-Blending: tests/test_equivalence_g_blending.py (its super-epoch estimate against BalanceBenchmark's).
 
 
-def test_g_blending_refreshes_every_window_and_weights_the_loss():
-    method = build_method("g_blending", ("audio", "visual", "fusion"), window=2)
-    epoch = lambda train, val: ({h: {"loss": t} for h, t in zip(method.heads, train)},
-                                {h: {"loss": v} for h, v in zip(method.heads, val)})
-    method.end_epoch(1, *epoch([1.0, 1.2, 0.9], [1.1, 1.3, 1.0]))  # reference
-    method.end_epoch(2, *epoch([0.8, 1.1, 0.7], [1.0, 1.25, 0.9]))  # inside the window: unchanged
-    assert method.coefficients() == {"audio": 1.0, "visual": 1.0, "fusion": 1.0}
-    method.end_epoch(3, *epoch([0.6, 1.0, 0.5], [0.9, 1.2, 0.8]))
-    assert list(method.coefficients().values()) == pytest.approx([0.75, 1.5, 0.75], rel=1e-4)
-    losses = {"audio": torch.tensor(1.0), "visual": torch.tensor(2.0), "fusion": torch.tensor(4.0)}
-    assert float(method.network_loss(losses)) == pytest.approx(0.75 + 3.0 + 3.0, rel=1e-4)
-    restored = build_method("g_blending", method.heads, window=2)
-    restored.load_state_dict(method.state_dict())
-    assert restored.coefficients() == method.coefficients() and int(restored.reference_epoch) == 3
-
-
-# -- PMR ----------------------------------------------------------------------------------------
-def test_pmr_distances_and_imbalance_weights():
-    distances = prototype_distances(torch.tensor([[0.0, 0.0], [3.0, 4.0]]), torch.tensor([[0.0, 0.0], [0.0, 4.0]]))
-    assert torch.allclose(distances, torch.tensor([[0.0, 4.0], [5.0, 3.0]]), atol=1e-5)
-    # rho 2 (dominant) and 0.5 (slow): beta = alpha * max(1/rho - 1, 0), mu = mu0 * max(rho - 1, 0)
-    beta, mu = rebalance_weights(torch.tensor([2.0, 0.5]), alpha=1.0, mu=0.01)
-    assert beta.tolist() == pytest.approx([0.0, 1.0]) and mu.tolist() == pytest.approx([0.01, 0.0])
-
-
-def test_pmr_rebalance_loss_by_hand():
-    method = build_method("pmr", ("audio", "visual", "fusion"))
-    method.prototypes = {"audio": torch.tensor([[0.0], [2.0]]), "visual": torch.tensor([[0.0], [2.0]])}
-    labels = torch.tensor([0, 1])
-    # audio sits on its prototypes: p(true) = 1/(1+e^-2) = 0.880797 per sample, s_a = 1.761594;
-    # visual sits halfway: p = 0.5, s_v = 1. rho_a = 1.761594, rho_v = 0.567668.
-    # visual's PCE = ln 2 with beta_v = 1/rho_v - 1 = 0.761594;
-    # audio's entropy H = -(0.880797 ln 0.880797 + 0.119203 ln 0.119203) = 0.365334,
-    # with mu_a = 0.01 * 0.761594. Loss = 0.761594 * 0.693147 - 0.00761594 * 0.365334.
-    loss = method.rebalance_loss({"audio": torch.tensor([[0.0], [2.0]]), "visual": torch.tensor([[1.0], [1.0]])}, labels)
-    assert float(loss) == pytest.approx(0.761594 * 0.693147 - 0.00761594 * 0.365334, rel=1e-4)
-    assert method.last["pmr_ratio"].tolist()[:2] == pytest.approx([1.761594, 0.567668], rel=1e-5)
-
-
-def test_pmr_builds_prototypes_from_training_features_then_rebalances():
-    model, method = tiny_model(), build_method("pmr", ("audio", "visual", "fusion"))
-    method.setup(model)
-    assert step(model, method) == {}  # epoch 1: no prototypes yet, plain fusion_only
-    method.end_epoch(1, {}, {})
-    inputs, labels = tiny_batch()
-    with torch.no_grad():
-        model(inputs)
-        expected = model.last_features["audio"][labels == labels[0]].mean(dim=0)
-    assert torch.allclose(method.prototypes["audio"][labels[0]], expected, atol=1e-5)
-    assert set(step(model, method)) == {"pmr_ratio", "pmr_beta"}
-    restored = build_method("pmr", method.heads)
-    restored.load_state_dict(method.state_dict())
-    assert torch.equal(restored.prototypes["visual"], method.prototypes["visual"].cpu())
+# PMR: tests/test_equivalence_pmr.py (three epochs of fit against the released training).
 
 
 # -- AGM ----------------------------------------------------------------------------------------
@@ -142,7 +75,7 @@ def test_agm_step_keeps_fusion_value_and_modulates():
     with torch.no_grad():
         plain = model(inputs)["fusion"]
     assert torch.allclose(logits["fusion"], plain, atol=1e-5)
-    assert int(method.steps_seen) == 1 and set(step(model, method)) == {"discrepancy", "modulation"}
+    assert int(method.steps_seen) == 1 and set(step(model, method)) == {"discrepancy", "modulation", "clipped"}
 
 
 # -- MMPareto -----------------------------------------------------------------------------------
@@ -197,17 +130,8 @@ def test_mla_projector_update_by_hand():
     assert torch.allclose(projector, torch.tensor([[0.090536, 0.0], [0.0, 0.995893]]), atol=1e-5)
 
 
-def test_mla_alternates_modalities_through_one_shared_head():
-    model, method = tiny_model(), build_method("mla", ("audio", "visual", "fusion"), steps_per_epoch=4)
-    method.setup(model)
-    assert model.unimodal_heads["audio"] is model.unimodal_heads["visual"]
-    for trained, idle in (("audio", "visual"), ("visual", "audio")):
-        model.zero_grad(set_to_none=True)
-        step(model, method)
-        assert all(p.grad is not None for p in model.encoders[trained].parameters())
-        assert all(p.grad is None for p in model.encoders[idle].parameters())
-        assert all(p.grad is None for p in model.fusion.parameters())
-    assert not torch.equal(method.projector, torch.eye(FEATURES))  # updated at the second step
+# MLA's steps (one optimizer step per modality on every batch), its shared head, projector and
+# evaluation fusion against its authors' code: tests/test_equivalence_mla.py.
 
 
 # -- refusals -----------------------------------------------------------------------------------
@@ -235,8 +159,15 @@ def ddp_part(rank: int, world: int, out_dir) -> None:
 
     for name in NEW_METHODS:
         model = tiny_model()
-        method = build_method(name, model.heads, steps_per_epoch=2, window=1)
+        method = build_method(name, model.heads, steps_per_epoch=2, **({"super_epoch": 2} if name == "g_blending" else {}))
         method.setup(model)
+        if name == "g_blending":  # each rank's copies train on its own data; the weights must agree
+            from tests.test_equivalence_g_blending import rank_epoch_data
+            method.start_epoch(1, model, rank_epoch_data(rank))
+        if name == "pmr":  # prototypes from each rank's own batch: the class sums must be reduced
+            from tests.test_equivalence_pmr import BatchList
+            method.start_epoch(1, model, BatchList([tiny_batch(seed=100 + rank)]))
+            model.train()
         ctx = StepContext(device=torch.device("cpu"), network_optimizer=torch.optim.Adam(model.parameters(), lr=1e-2),
                           progress=False)
         wrapped = wrap_model(model, torch.device("cpu"), method)

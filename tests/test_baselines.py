@@ -8,9 +8,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engines.baselines import OGMGE, ogm_coefficient
+from olmbalance.ogm_ge import OGMGE, ogm_coefficient
 from engines.engines_logits_com import DiagnosticMeans, StepContext, head_losses, train_step
-from engines.methods import build_method
+from olmbalance import build_method
 from engines.metrics import HeadMetrics
 from models.late_fusion import LateFusionClassifier
 from utils.errors import UserError
@@ -125,12 +125,12 @@ def expected_audio_coefficient(labels, alpha):
     return 1 - math.tanh(alpha * ratio), ratio
 
 
-def ogm_after_backward(alpha=0.3, generalization=False, noise_seed=None):
+def ogm_after_backward(alpha=0.3, generalization=False, seed=None):
     """One OGM-GE modulation on a bilinear-fusion model: that head has no per-modality parts,
     so the read-out logits given here decide the scores."""
     model = tiny_model(fusion="bilinear")
     method = build_method("ogm_ge", model.heads, alpha=alpha, generalization=generalization,
-                          noise_seed=noise_seed, target_scale="reference", reference_steps=5)
+                          seed=seed, target_scale="reference", reference_steps=5)
     method.setup(model)
     assert method.score_source == "read-out"
     inputs, labels = tiny_batch()
@@ -157,8 +157,8 @@ def test_ogm_scales_only_the_dominant_encoders_weights():
 
 
 def test_ogm_ge_noise_has_the_unmodulated_gradient_std_and_is_seeded():
-    model, _, original, labels = ogm_after_backward(alpha=0.3, generalization=True, noise_seed=7)
-    again, _, _, _ = ogm_after_backward(alpha=0.3, generalization=True, noise_seed=7)
+    model, _, original, labels = ogm_after_backward(alpha=0.3, generalization=True, seed=7)
+    again, _, _, _ = ogm_after_backward(alpha=0.3, generalization=True, seed=7)
     k, _ = expected_audio_coefficient(labels, 0.3)
     assert k < 0.5  # so the std before modulation and the one after differ clearly
     weight = "0.weight"  # 32 x 6: enough entries for a std estimate
@@ -175,10 +175,10 @@ def test_ogm_ge_noise_has_the_unmodulated_gradient_std_and_is_seeded():
 
 
 def test_ogm_noise_stream_survives_a_checkpoint():
-    _, method, _, _ = ogm_after_backward(generalization=True, noise_seed=3)
+    _, method, _, _ = ogm_after_backward(generalization=True, seed=3)
     state = copy.deepcopy(method.state_dict())
     expected = method.gaussian_like(torch.zeros(5))
-    restored = build_method("ogm_ge", ("audio", "visual", "fusion"), noise_seed=99)
+    restored = build_method("ogm_ge", ("audio", "visual", "fusion"), seed=99)
     restored.load_state_dict(state)
     assert torch.equal(restored.gaussian_like(torch.zeros(5)), expected)
 
@@ -205,8 +205,8 @@ def test_ogm_scores_come_from_the_concat_fusion_parts():
 
 def test_ogm_modulates_only_in_its_epochs():
     model = tiny_model(fusion="bilinear")
-    method = build_method("ogm_ge", model.heads, alpha=0.3, generalization=True, noise_seed=1,
-                          modulation_epochs=(1, 1), steps_per_epoch=2)
+    method = build_method("ogm_ge", model.heads, alpha=0.3, generalization=True, seed=1,
+                          modulation_starts=1, modulation_ends=1, steps_per_epoch=2)
     method.setup(model)
     inputs, labels = tiny_batch()
     changed = []
@@ -219,7 +219,7 @@ def test_ogm_modulates_only_in_its_epochs():
         changed.append(any(not torch.equal(before[n], after[n]) for n in before))
     assert changed == [False, False, True, True, False, False]
     state = copy.deepcopy(method.state_dict())
-    restored = build_method("ogm_ge", model.heads, modulation_epochs=(1, 1), steps_per_epoch=2)
+    restored = build_method("ogm_ge", model.heads, modulation_starts=1, modulation_ends=1, steps_per_epoch=2)
     restored.load_state_dict(state)
     assert restored.steps == 6 and not restored.modulating()
 

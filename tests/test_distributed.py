@@ -49,7 +49,7 @@ def test_train_shards_rebuild_the_single_process_global_batches():
 # -- two ranks in-process --------------------------------------------------------------------------
 def ddp_part(rank: int, world: int, out_dir: Path) -> None:
     """This file's share of the two-rank session (tests/ddp_session.py)."""
-    from engines.methods import build_method
+    from olmbalance import build_method
     from engines.trainer import fit, make_loaders
     from utils import distributed
     from utils.seed import seed_everything

@@ -42,3 +42,32 @@ def test_recorded_commands_are_runnable_from_the_checkout(tmp_path):
     assert docs.recorded_command(report, ROOT) == "python benchmarks/x.py --report r.md"
     report.write_text("# hand-typed table\n")
     assert docs.recorded_command(report, ROOT) is None
+
+
+def test_reports_from_another_torch_or_without_versions_are_flagged(tmp_path, monkeypatch):
+    from importlib import metadata
+
+    from utils.provenance import provenance_header
+
+    header = provenance_header("python benchmarks/x.py --report docs/results/a.md")
+    assert f"torch {metadata.version('torch')}" in header and "numpy " in header
+    results = tmp_path / "docs" / "results"
+    results.mkdir(parents=True)
+    (tmp_path / "README.md").write_text("<!-- generated: docs/results/a.md -->\n<!-- end generated -->\n"
+                                        "<!-- generated: docs/results/b.md -->\n<!-- end generated -->\n"
+                                        "<!-- generated: docs/results/c.md -->\n<!-- end generated -->\n")
+    (results / "a.md").write_text(header)
+    (results / "b.md").write_text(header.replace(f"torch {metadata.version('torch')}", "torch 1.0.0"))
+    (results / "c.md").write_text("_Written by `python x.py` on 2026-01-02; machine: CPU, 2 cores._\n")
+    monkeypatch.setattr(docs, "documents", lambda root=tmp_path: [tmp_path / "README.md"])
+    flags = docs.environment_flags(tmp_path)
+    assert len(flags) == 2 and flags[0].startswith("docs/results/b.md: produced under torch 1.0.0")
+    assert flags[1].startswith("docs/results/c.md: the torch version it was produced under is not recorded")
+
+
+def test_recorded_commands_drop_the_checkout_path_and_say_when_cores_were_pinned(monkeypatch):
+    from utils import provenance
+
+    monkeypatch.setattr(provenance, "pinned_cores", lambda: [1])
+    command = provenance.command_line([f"{provenance.REPOSITORY}/benchmarks/bench_startup.py", "--report", "r.md"])
+    assert command == "taskset -c 1 python benchmarks/bench_startup.py --report r.md"

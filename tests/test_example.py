@@ -56,4 +56,4 @@ def test_readme_shows_the_example_file():
     assert "<!-- generated: examples/logit_modulator_loop.py -->" in readme
     refreshed, missing = refresh(readme)
     assert not missing and refreshed == readme, "README's example is stale: run python -m utils.docs"
-    assert "def train_with_olm" in readme and "itertools.cycle" in readme and "from engines.olm import" in readme
+    assert "def train_with_olm" in readme and "itertools.cycle" in readme and "from olmbalance.olm import" in readme

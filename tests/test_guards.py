@@ -16,7 +16,8 @@ from torch import nn
 
 from config import Config, build_parser, resolve_config, validate
 from engines.engines_logits_com import DiagnosticMeans, StepContext, train_step
-from engines.methods import build_method, method_from_config
+from engines.methods import method_from_config
+from olmbalance import build_method
 from engines.metrics import HeadMetrics, f1_scores
 from tests.scaling_fixtures import VectorModel, vector_data
 from utils.errors import UserError

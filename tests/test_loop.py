@@ -3,7 +3,7 @@ the model as it found it, and method plumbing."""
 import torch
 
 from engines.engines_logits_com import StepContext, cycle, heldout_losses, train_one_epoch
-from engines.methods import build_method
+from olmbalance import build_method
 from tests.tiny import IndexedDataset, TinyModel, loader
 
 

@@ -10,10 +10,10 @@ import main
 from config import KEEP_CHECKPOINTS, get_dataset_spec, resolve_config
 from config import build_parser
 from datasets.builders import build_data
-from engines.methods import METHODS, check_method_name
+from olmbalance import METHODS, method_entry
 from tests.scaling_fixtures import TINY_FLAGS
 
-check_method_name("olm")  # registers the baselines, so the parametrization sees every method
+method_entry("olm")  # registers the baselines, so the parametrization sees every method
 ALL_METHODS = sorted(METHODS)
 
 
@@ -56,6 +56,10 @@ def test_every_method_runs_through_main(tiny_avdigits, tmp_path, method):
         assert results["coefficients"] != {"audio": 1.0, "visual": 1.0, "fusion": 1.0}
     assert {p.name for p in out.glob("*.pt")} == expected_files(keep)
     assert (out / "config.yaml").is_file() and any((out / "tensorboard").iterdir())
+    # Imbalance diagnostics (on by default) read the run's own evaluated heads, whatever is kept.
+    diagnostics = results["imbalance"]
+    assert diagnostics["intact"]["test"]["acc"] == pytest.approx(results["test"][head]["acc"])
+    assert (diagnostics["reliance"] is None) == (head != "fusion") and (out / "predictions.npz").is_file()
     if (out / "best.pt").is_file():
         lean = torch.load(out / "best.pt", weights_only=True)
         assert lean["epoch"] == results["best_epoch"] and lean["classes"] == results["classes"]

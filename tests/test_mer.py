@@ -401,3 +401,37 @@ def test_mer_multi_defaults_are_the_released_recipe_and_live_in_the_registry():
     for name in ("MERMULTI", "AVDigitsFeatures"):  # where --help reads them from
         defaults = get_dataset_spec(name).defaults
         assert {"batch_size", "d_model", "dim_feedforward", "selection_metric", "modalities"} <= set(defaults)
+
+
+def test_predict_stores_softmax_probabilities_so_the_fold_ensemble_averages_probabilities(mer_root):
+    # predict() is what cross-validation calls: if it kept raw logits, ensemble() would average
+    # logits. Its rows must be each head's softmax of the model's logits.
+    from engines.mer_scoring import ensemble, predict
+
+    data = load_feature_data(config(mer_root, modalities="audio,visual"), mer_root)
+    heads = ("audio", "visual", "fusion")
+    scale = {"audio": 3.0, "visual": -2.0, "fusion": 5.0}
+
+    class Logits(torch.nn.Module):  # logits far from probabilities: large, negative, unnormalized
+        heads = ("audio", "visual", "fusion")
+
+        def forward(self, inputs):
+            pooled = {m: inputs[m].sum(dim=(1, 2)) for m in ("audio", "visual")}
+            base = torch.stack([pooled["audio"] + k * pooled["visual"] for k in range(6)], dim=1)
+            return {h: scale[h] * base for h in self.heads}
+
+    model = Logits()
+    test = next(iter(data.tests.values()))
+    first = predict(model, test, 4, torch.device("cpu"), collate_padded)
+    assert len(first.names) == len(test)
+    for head in heads:
+        probabilities = first.probabilities[head]
+        assert np.allclose(probabilities.sum(axis=1), 1.0, atol=1e-5) and (probabilities >= 0).all()
+    inputs, _, _ = collate_padded([test[i] for i in range(len(test))])
+    expected = torch.softmax(model(inputs)["fusion"], dim=1).numpy()
+    assert np.allclose(first.probabilities["fusion"], expected, atol=1e-5)
+    # Two folds whose logits differ by a scale: the ensemble is the mean of probabilities.
+    scale["fusion"] = 0.5
+    second = predict(model, test, 4, torch.device("cpu"), collate_padded)
+    mean = ensemble([first, second]).probabilities["fusion"]
+    assert np.allclose(mean, (first.probabilities["fusion"] + second.probabilities["fusion"]) / 2, atol=1e-6)

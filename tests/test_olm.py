@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from engines.olm import LogitModulator
+from olmbalance.olm import LogitModulator
 
 HEADS = ("audio", "visual", "fusion")
 # Per-sample logit norms: audio 5 and 10, visual 1.5 and 2, fusion 3 and 5.
@@ -193,7 +193,7 @@ def test_saturated_head_names_the_head_that_took_the_mass():
 
 
 def test_heldout_forward_rejects_an_unknown_norm():
-    from engines.olm import heldout_forward
+    from olmbalance.olm import heldout_forward
 
     with pytest.raises(ValueError, match="norm"):
         with heldout_forward(torch.nn.Linear(2, 2), "nope"):
@@ -220,3 +220,20 @@ def test_config_rejects_a_reference_tail_outside_zero_one():
     for bad in (0.0, 1.5):
         with pytest.raises(UserError, match="--reference-tail"):
             validate(Config(reference_tail=bad))
+
+
+@pytest.mark.parametrize("scale", ["reference", "mean"])
+def test_saturation_flags_read_the_softmax_before_the_target_scale(scale):
+    # The flags describe the softmax (mass over 0.99 on one head), whatever the scale: with
+    # ratios (0.40, 0.34, 0.26) nothing is saturated, also at target_scale="mean" where the
+    # scaled ratios (1.21, 1.01, 0.79) exceed 0.99; one-hot on audio is saturated at both.
+    mod = LogitModulator(HEADS, target="rate", target_scale=scale, reference_steps=1)
+    mod.norm_loss(LOGITS, losses(2.0, 2.0, 2.0), losses(2.1, 2.2, 2.3))
+    mod.norm_loss(LOGITS, losses(1.0, 1.5, 0.5), losses(1.8, 2.1, 2.4))
+    assert mod.last["saturated"].item() == 0.0
+    assert mod.last["saturated_head"].tolist() == [0.0, 0.0, 0.0]
+    saturated = LogitModulator(HEADS, target="rate", target_scale=scale, reference_steps=1)
+    saturated.norm_loss(LOGITS, losses(2.0, 2.0, 2.0), losses(2.0, 2.0, 2.0))
+    saturated.norm_loss(LOGITS, losses(1.0, 1.9, 1.9), losses(1.0, 1.95, 1.95))
+    assert saturated.last["saturated"].item() == 1.0
+    assert saturated.last["saturated_head"].tolist() == [1.0, 0.0, 0.0]

@@ -476,6 +476,20 @@ def test_too_many_missing_clips_name_the_root_and_flags(tmp_path):
     assert len(build("KineticSound", tmp_path, max_missing=0.2).test) == 7
 
 
+def test_missing_test_clips_name_the_split_file_they_came_from(tmp_path):
+    """Kinetics-Sounds' my_test.txt names clips <ytid>_<N>, unlike the train clips'
+    ytid_start_end: test files named the train way are all missing, and the error says which
+    file the expected names came from."""
+    make_kinetics(tmp_path)
+    for line in KS_TEST:
+        clip = line.split(",")[0]
+        (tmp_path / "audio_test" / f"{clip}.wav").rename(tmp_path / "audio_test" / f"{clip}_000000_000010.wav")
+    with pytest.raises(UserError, match="test split") as error:
+        build("KineticSound", tmp_path)
+    assert f"clip names from {tmp_path / 'my_test.txt'}" in str(error.value)
+    assert "-3Mwkq-7TV4_2.wav" in str(error.value)
+
+
 def test_vggsound_with_nothing_on_disk_names_the_root(tmp_path):
     make_vggsound(tmp_path, "project")
     for folder in ("audio", "Image-01-FPS"):
@@ -492,6 +506,8 @@ def test_registered_defaults_are_the_released_recipe():
         cfg = resolve_config(build_parser("t").parse_args(["--dataset", name]))
         assert (cfg.image_size, cfg.n_fft, cfg.hop_length, cfg.spec_frames) == (224, 512, 353, 188)
         assert (cfg.batch_size, cfg.lr, cfg.fusion, cfg.sample_rate) == (64, 1e-4, "bilinear", 22050)
+        # OLM's held-out signal as released: a fresh batch of the training batch's size every step
+        assert (cfg.heldout_every, cfg.heldout_batch_size) == (1, 64)
 
 
 # ---- numerics as released ----------------------------------------------------------------------

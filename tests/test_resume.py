@@ -119,3 +119,18 @@ def test_kill_during_checkpoint_writes_never_leaves_a_broken_file(tmp_path):
     save_atomic({"model": {}, "epoch": 3}, target)
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
     assert torch.load(target, weights_only=True)["epoch"] == 3
+
+
+def test_resume_in_process_loading_restores_the_main_processs_random_state(tiny, tmp_path):
+    # With --workers 0 the training frames are augmented in this process, from its global
+    # random state: a resume that did not restore it would crop and flip differently.
+    import main
+
+    root, _ = tiny
+    flags = [*TINY_FLAGS, "--data-root", str(root), "--seed", "5", "--augment", "--method", "joint"]
+    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
+    main.main([*flags, "--epochs", "2", "--out", str(whole)])
+    main.main([*flags, "--epochs", "1", "--out", str(resumed)])
+    torch.manual_seed(1234)  # whatever this process drew since, the resume must not see it
+    main.main(["--resume", str(resumed), "--epochs", "2"])
+    assert comparable_metrics(resumed) == comparable_metrics(whole)

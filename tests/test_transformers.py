@@ -226,7 +226,7 @@ def test_mbt_overfits_a_tiny_batch():
 
 # --- what each head reads, released sizes, valence ---------------------------------------
 
-from engines.methods import build_method  # noqa: E402
+from olmbalance import build_method  # noqa: E402
 from models.transformers.head_dependence import (  # noqa: E402
     input_gradient_norms, own_over_other, random_inputs)
 from models.transformers.released import (  # noqa: E402

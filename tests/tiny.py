@@ -54,11 +54,13 @@ def loader(dataset, batch_size, shuffle, seed=0):
                       generator=torch.Generator().manual_seed(seed))
 
 
-def tiny_late_fusion(fusion: str, classes: int, features: int, seed: int = 0, inputs: int = 6):
-    """A LateFusionClassifier with two small MLP encoders on ``inputs``-wide vectors."""
+def tiny_late_fusion(fusion: str, classes: int, features: int, seed: int = 0, inputs: int = 6,
+                     batch_norm: bool = False):
+    """A LateFusionClassifier with two small MLP encoders on ``inputs``-wide vectors; with
+    ``batch_norm`` their hidden layer is normalized (eval and train mode then differ)."""
     from models.late_fusion import LateFusionClassifier
 
     torch.manual_seed(seed)
-    encoders = {m: nn.Sequential(nn.Linear(inputs, 32), nn.ReLU(), nn.Linear(32, features))
-                for m in ("audio", "visual")}
+    hidden = lambda: [nn.Linear(inputs, 32), *([nn.BatchNorm1d(32)] if batch_norm else []), nn.ReLU()]
+    encoders = {m: nn.Sequential(*hidden(), nn.Linear(32, features)) for m in ("audio", "visual")}
     return LateFusionClassifier(classes, ("audio", "visual"), fusion, encoders=encoders, feature_dim=features)

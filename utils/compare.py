@@ -30,11 +30,12 @@ from utils.report import regime
 METHOD_ORDER = ("audio_only", "visual_only", "joint", "fusion_only", "ogm_ge", "olm", "olm_loss_ratio", "olm_mean",
                 "g_blending", "pmr", "agm", "mmpareto", "mla")
 # Config keys that may differ between runs of one fair comparison.
-PER_RUN_KEYS = {"method", "seed", "out", "resume", "device", "progress", "plots", "workers", "data_root"}
+PER_RUN_KEYS = {"method", "seed", "out", "resume", "device", "progress", "plots", "workers", "data_root",
+                "imbalance"}
 # Options only some methods read (OLM's held-out pass and coefficients, OGM-GE's alpha): they
 # must agree among runs of one method, not across methods that ignore them.
 METHOD_KEYS = {"heldout_every", "heldout_batch_size", "heldout_norm", "reference_steps", "reference_tail",
-               "target_scale", "coef_lr", "coef_weight_decay", "ogm_alpha"}
+               "target_scale", "coef_lr", "coef_weight_decay", "method_settings", "recipe"}
 RUN_FOLDER = re.compile(r"^(?P<label>.+)-s(?P<seed>\d+)$")
 NORM_SPLITS = ("val", "train")
 
@@ -210,7 +211,7 @@ def protocol_differences(runs: list[Run]) -> dict[str, list]:
     """Config keys (besides method, seed, paths, device) whose values differ between runs."""
     import yaml
 
-    from config import METHOD_DEFAULTS
+    import olmbalance
 
     values: dict[str, set] = defaultdict(set)
     for run in runs:
@@ -220,15 +221,79 @@ def protocol_differences(runs: list[Run]) -> dict[str, list]:
         except yaml.YAMLError:
             raise UserError(f"{path} is not valid YAML") from None
         config = config or {k: run.results.get(k) for k in ("dataset", "fusion", "epochs")}
-        # A method that brings its own recipe (config.METHOD_DEFAULTS: OGM-GE's optimizer) is
-        # compared on its own terms for those keys.
-        recipe = {k for options in METHOD_DEFAULTS.get(run.method, {}).values() for k in options}
+        # A method that brings its own recipe (olmbalance: OGM-GE's optimizer, --recipe authors)
+        # is compared on its own terms for those keys.
+        entry = olmbalance.METHODS.get(run.method)
+        recipe = {k for by_dataset in (entry.recipes.values() if entry else ()) for options in by_dataset.values()
+                  for k in options}
         for key, value in config.items():
             if key in METHOD_KEYS or key in recipe:
                 values[f"{key} ({run.label or run.method})"].add(json.dumps(value, sort_keys=True))
             elif key not in PER_RUN_KEYS:
                 values[key].add(json.dumps(value, sort_keys=True))
     return {k: sorted(v) for k, v in values.items() if len(v) > 1}
+
+
+def unimodal_ensemble(runs: list[Run]) -> dict | None:
+    """Per seed, the unimodal ensemble: the single-modality runs of that seed (audio_only,
+    visual_only; variants left out) fused by the mean of their softmax test probabilities at
+    their best-on-val checkpoints (each run's predictions.npz, engines/imbalance.py). Seeds
+    that lack a modality's run or its predictions are listed in ``skipped``. ``None`` when no
+    seed has two single-modality runs."""
+    import numpy as np
+
+    from engines.imbalance import read_predictions
+    from engines.metrics import f1_scores
+
+    by_seed: dict[int, dict[str, Run]] = defaultdict(dict)
+    for run in runs:
+        if run.selection_head != "fusion" and run.label == run.method:
+            by_seed[run.seed][run.selection_head] = run
+    modalities = sorted({m for members in by_seed.values() for m in members})
+    if len(modalities) < 2:
+        return None
+    result = {"methods": sorted({r.method for members in by_seed.values() for r in members.values()}),
+              "seeds": [], "acc_values": [], "f1_values": [], "skipped": {}}
+    for seed, members in sorted(by_seed.items()):
+        saved = {m: read_predictions(members[m].folder) if m in members else None for m in modalities}
+        missing = [m for m, p in saved.items() if p is None]
+        if missing:
+            result["skipped"][seed] = f"no predictions of {', '.join(missing)}"
+            continue
+        labels = [p["test_labels"] for p in saved.values()]
+        if any(not np.array_equal(labels[0], other) for other in labels[1:]):
+            result["skipped"][seed] = "the runs' test samples differ"
+            continue
+        predicted = np.mean([p["test_probs"] for p in saved.values()], axis=0).argmax(axis=1)
+        result["seeds"].append(seed)
+        result["acc_values"].append(float((predicted == labels[0]).mean()))
+        result["f1_values"].append(f1_scores(labels[0], predicted)[0])
+    return result if result["seeds"] or result["skipped"] else None
+
+
+def ensemble_gaps(runs: list[Run], ensemble: dict | None) -> list[float]:
+    """Per run with a fusion head: its fusion test accuracy minus the same seed's ensemble's."""
+    by_seed = dict(zip(ensemble["seeds"], ensemble["acc_values"])) if ensemble else {}
+    return [r.results["test"]["fusion"]["acc"] - by_seed[r.seed] for r in runs
+            if r.seed in by_seed and "fusion" in r.reported_heads() and "fusion" in r.results["test"]]
+
+
+def imbalance_values(runs: list[Run]) -> dict[str, dict[str, list[float]]]:
+    """Per seed, from results.json's "imbalance" (test split): each modality's linear-probe
+    accuracy, the fusion head's accuracy drop when its features are shuffled, its Shapley value.
+    A single-modality run reports the probe of its trained encoder only."""
+    values = {"probe": defaultdict(list), "reliance": defaultdict(list), "shapley": defaultdict(list)}
+    for run in runs:
+        imbalance = run.results.get("imbalance") or {}
+        for m, probe in (imbalance.get("probe") or {}).items():
+            if m in run.reported_heads():
+                values["probe"][m].append(probe["test"]["acc"])
+        for m, entry in ((imbalance.get("reliance") or {}).get("test") or {}).items():
+            if m != "intact":
+                values["reliance"][m].append(entry["drop"])
+        for m, value in (((imbalance.get("shapley") or {}).get("test") or {}).get("values") or {}).items():
+            values["shapley"][m].append(value)
+    return {key: dict(per_modality) for key, per_modality in values.items()}
 
 
 def summarize(runs_dir: Path, norm_split: str = "val") -> dict:
@@ -238,6 +303,7 @@ def summarize(runs_dir: Path, norm_split: str = "val") -> dict:
     heads = list(dict.fromkeys(h for r in runs for h in r.results["test"]))
     modalities = modality_heads(runs)
     reference = unimodal_reference(groups)
+    ensemble = unimodal_ensemble(runs)
     methods = {}
     for method, method_runs in groups.items():
         entry = {"seeds": [r.seed for r in method_runs], "heads": {}}
@@ -256,9 +322,12 @@ def summarize(runs_dir: Path, norm_split: str = "val") -> dict:
         entry["norm_ratio"] = mean_std(ratios) if ratios else None
         entry["norm_ratio_values"] = ratios
         entry["regime"] = olm_regime(method_runs, heads)
+        entry["imbalance"] = imbalance_values(method_runs)
+        entry["ensemble_gap_values"] = ensemble_gaps(method_runs, ensemble)
         methods[method] = entry
     return {"runs_dir": str(runs_dir), "heads": heads, "modalities": modalities, "reference": reference,
-            "norm_split": norm_split, "methods": methods, "unfinished": [str(p) for p in unfinished],
+            "norm_split": norm_split, "methods": methods, "ensemble": ensemble,
+            "unfinished": [str(p) for p in unfinished],
             "protocol_differences": protocol_differences(runs),
             "dataset": sorted({r.results.get("dataset", "?") for r in runs}),
             "epochs": sorted({r.results.get("epochs", 0) for r in runs})}
@@ -307,6 +376,45 @@ def render_regime(summary: dict) -> list[str]:
     return lines
 
 
+def ensemble_label(ensemble: dict) -> str:
+    return "ensemble (" + " + ".join(ensemble["methods"]) + ")"
+
+
+def render_imbalance(summary: dict) -> list[str]:
+    """Per method: linear-probe test accuracy, reliance drop and Shapley value per modality
+    (results.json "imbalance"), and its fusion accuracy against the unimodal ensemble."""
+    ensemble = summary.get("ensemble")
+    modalities = summary["modalities"]
+    shown = {m: e for m, e in summary["methods"].items() if any(e["imbalance"].values()) or e["ensemble_gap_values"]}
+    if not shown:
+        return []
+    lines = ["", "## Imbalance diagnostics (test split, best-on-validation checkpoint, mean ± std over seeds)", "",
+             "Probe: test accuracy of a linear probe of each modality's frozen encoder (fitted on train, its L2 "
+             "picked on validation; engines/imbalance.py); reliance: drop of the fusion test accuracy when that "
+             "modality's features are taken from other samples; Shapley: the modality's Shapley value of fusion "
+             "test accuracy over modality subsets, absent inputs zeroed (BalanceBenchmark's measure); all in points. "
+             "Fusion − ensemble: fusion test accuracy minus that of the same seed's unimodal ensemble (mean of the "
+             "single-modality runs' softmax probabilities), in points.", ""]
+    header = (["method", "seeds"] + [f"probe {m}" for m in modalities] + [f"reliance {m}" for m in modalities]
+              + [f"Shapley {m}" for m in modalities] + ["fusion − ensemble"])
+    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for method, entry in shown.items():
+        values = entry["imbalance"]
+        cells = [method, str(len(entry["seeds"]))]
+        for key in ("probe", "reliance", "shapley"):
+            cells += [format_mean_std(values[key][m]) if values[key].get(m) else "—" for m in modalities]
+        cells.append(format_gap(entry["ensemble_gap_values"]))
+        lines.append("| " + " | ".join(cells) + " |")
+    if ensemble:
+        if ensemble["seeds"]:
+            lines += ["", f"{ensemble_label(ensemble)}: {format_mean_std(ensemble['acc_values'])}% test accuracy "
+                          f"over seeds {', '.join(map(str, ensemble['seeds']))}."]
+        if ensemble["skipped"]:
+            lines += ["", "No ensemble for seed(s) " + "; ".join(f"{seed} ({why})" for seed, why in
+                                                               ensemble["skipped"].items()) + "."]
+    return lines
+
+
 def render_markdown(summary: dict) -> str:
     heads, modalities = summary["heads"], summary["modalities"]
     reference = summary["reference"]
@@ -328,6 +436,15 @@ def render_markdown(summary: dict) -> str:
             cells.append(format_mean_std(entry["norm_ratio_values"], scale=1.0, digits=2)
                          if entry["norm_ratio_values"] else "—")
         lines.append("| " + " | ".join(cells) + " |")
+    ensemble = summary.get("ensemble")
+    if ensemble and ensemble["seeds"]:
+        cells = [ensemble_label(ensemble), str(len(ensemble["seeds"]))]
+        for metric in ("acc", "f1"):
+            cells += [format_mean_std(ensemble[f"{metric}_values"]) if h == "fusion" else "—" for h in heads]
+        cells.append(format_gap([a - reference[1] for a in ensemble["acc_values"]]) if reference else "—")
+        if len(modalities) >= 2:
+            cells.append("—")  # no norm ratio: two separate models
+        lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
     if reference:
         lines.append(f"Best unimodal model: {reference[0]} ({100 * reference[1]:.1f}% test accuracy); "
@@ -335,6 +452,7 @@ def render_markdown(summary: dict) -> str:
     else:
         lines.append("No unimodal model (audio_only / visual_only) was trained: the gap column is each "
                      "run's fusion accuracy minus the best unimodal head of the same model, in points.")
+    lines += render_imbalance(summary)
     lines += render_regime(summary)
     notes = []
     if summary["protocol_differences"]:
@@ -348,36 +466,56 @@ def render_markdown(summary: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def draw_imbalance(probe_axis, reliance_axis, summary: dict) -> None:
+    """Linear-probe test accuracy per modality and method; the fusion head's reliance (accuracy
+    drop, points) on each modality per method; mean ± std over seeds."""
+    from utils.plot import grouped_bars, head_colours
+
+    modalities = summary["modalities"]
+    colours = head_colours(modalities)
+    for axis, key, title in ((probe_axis, "probe", "linear probe of each frozen encoder: test accuracy (%)"),
+                             (reliance_axis, "reliance", "fusion test acc drop, modality shuffled (points)")):
+        groups = {m: {method: tuple(100 * v for v in mean_std(e["imbalance"][key][m]))
+                      for method, e in summary["methods"].items() if e["imbalance"].get(key, {}).get(m)}
+                  for m in modalities}
+        labels = [method for method in summary["methods"] if any(method in g for g in groups.values())]
+        grouped_bars(axis, labels, groups, colours)
+        axis.set_title(title, fontsize=9)
+        axis.axhline(0, color="black", lw=0.5)
+        axis.legend(fontsize=7, loc="best")
+
+
 def render_figure(summary: dict, out: Path) -> Path:
-    """Grouped bars of per-head test accuracy (± std) per method, and the norm ratio."""
-    from utils.plot import head_colours, pyplot
+    """Grouped bars of per-head test accuracy (± std) per method with the best unimodal model and
+    the unimodal ensemble, and the norm ratio; below them, when the runs hold imbalance
+    diagnostics, each modality's linear-probe accuracy and the fusion head's reliance on it."""
+    from utils.plot import grouped_bars, head_colours, pyplot
 
     plt = pyplot()
     methods = list(summary["methods"])
     heads = summary["heads"]
     colours = head_colours(heads)
-    figure, (bars, ratio) = plt.subplots(1, 2, figsize=(max(8, 1.3 * len(methods) + 4), 4.2),
-                                         gridspec_kw={"width_ratios": [3, 1.4]})
-    width = 0.8 / max(len(heads), 1)
-    tops = [100 * summary["reference"][1]] if summary["reference"] else []
-    for i, head in enumerate(heads):
-        xs, means, stds = [], [], []
-        for x, method in enumerate(methods):
-            stats = summary["methods"][method]["heads"].get(head)
-            if stats:
-                xs.append(x + (i - (len(heads) - 1) / 2) * width)
-                means.append(100 * stats["acc"][0])
-                stds.append(100 * stats["acc"][1])
-        bars.bar(xs, means, width, yerr=stds, capsize=2, color=colours[head], label=head)
-        tops += [m + s for m, s in zip(means, stds)]
+    diagnosed = any(any(e["imbalance"].values()) for e in summary["methods"].values())
+    figure = plt.figure(figsize=(max(8, 1.3 * len(methods) + 4), 4.2 * (2 if diagnosed else 1)))
+    grid = figure.add_gridspec(2 if diagnosed else 1, 1)
+    bars, ratio = grid[0].subgridspec(1, 2, width_ratios=[3, 1.4]).subplots()
+    accuracy = {h: {m: tuple(100 * v for v in e["heads"][h]["acc"]) for m, e in summary["methods"].items()
+                    if h in e["heads"]} for h in heads}
+    tops = grouped_bars(bars, methods, accuracy, colours)
     if summary["reference"]:
+        tops.append(100 * summary["reference"][1])
         bars.axhline(100 * summary["reference"][1], color="black", ls=":", lw=1,
                      label=f"best unimodal ({summary['reference'][0]})")
-    bars.set_xticks(range(len(methods)), methods, rotation=30, ha="right", fontsize=8)
+    ensemble = summary.get("ensemble")
+    if ensemble and ensemble["seeds"]:
+        bars.axhline(100 * mean_std(ensemble["acc_values"])[0], color="tab:purple", ls="--", lw=1,
+                     label=ensemble_label(ensemble))
     bars.set_ylabel("test accuracy (%)")
     bars.set_title("per-head test accuracy at the best-on-val epoch", fontsize=9)
     bars.set_ylim(0, 1.3 * max(tops + [1.0]))  # headroom so the legend covers no bar
     bars.legend(fontsize=7, loc="upper left", ncol=2)
+    if diagnosed:
+        draw_imbalance(*grid[1].subgridspec(1, 2, width_ratios=[1.6, 1]).subplots(), summary)
     shown = [m for m in methods if summary["methods"][m]["norm_ratio"]]
     ratio.bar(range(len(shown)), [summary["methods"][m]["norm_ratio"][0] for m in shown],
               yerr=[summary["methods"][m]["norm_ratio"][1] for m in shown], capsize=2, color="gray")

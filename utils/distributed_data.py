@@ -1,4 +1,4 @@
-"""Data-side helpers for one or many processes: per-rank samplers and metrics reduced over ranks."""
+"""Data-side helpers for one or many processes: per-rank samplers and batch sizes."""
 from __future__ import annotations
 
 import math
@@ -6,7 +6,6 @@ import math
 import torch
 from torch.utils.data import Sampler
 
-from engines.metrics import HeadMetrics
 from utils import distributed
 from utils.errors import UserError
 
@@ -25,24 +24,40 @@ class ShardedSampler(Sampler[int]):
       sample is scored exactly once (DistributedSampler repeats samples to even out ranks).
 
     With one process and a generator the order equals ``RandomSampler``'s for that generator.
+
+    ``min_last`` (with ``pad=True``): the last global batch is left out of the pass when it
+    would give each rank fewer than ``min_last`` samples. Training passes 2: BatchNorm cannot
+    take batch statistics of one sample whose feature maps are 1x1 (ResNet18 at small input
+    sizes), so a trailing batch of one would stop the run; the order is drawn afresh every
+    pass, so the left-out sample differs from pass to pass. The held-out loader passes its
+    batch size: every held-out batch is full.
     """
 
     def __init__(self, size: int, generator: torch.Generator | None = None, pad: bool = True,
-                 global_batch: int | None = None, rank: int | None = None, world: int | None = None):
+                 global_batch: int | None = None, rank: int | None = None, world: int | None = None,
+                 min_last: int = 1):
         self.size = int(size)
         self.generator = generator
         self.pad = pad
         self.rank = distributed.rank() if rank is None else rank
         self.world = distributed.world_size() if world is None else world
         self.global_batch = self.world if global_batch is None else int(global_batch)
+        self.min_last = int(min_last)
         if pad and self.global_batch % self.world:
             raise ValueError(f"global batch {self.global_batch} is not divisible by {self.world} ranks")
 
+    def padded_total(self) -> int:
+        """Indices drawn per pass over all ranks: padded to a multiple of the world size, less a
+        last global batch below ``min_last`` samples per rank."""
+        total = math.ceil(self.size / self.world) * self.world
+        last = total % self.global_batch
+        if last and last // self.world < self.min_last and total > last:
+            total -= last
+        return total
+
     def __len__(self) -> int:
-        if self.world == 1:
-            return self.size
         if self.pad:
-            return math.ceil(self.size / self.world)
+            return self.padded_total() // self.world
         return len(range(self.rank, self.size, self.world))
 
     def __iter__(self):
@@ -50,11 +65,11 @@ class ShardedSampler(Sampler[int]):
             return iter(())
         order = torch.randperm(self.size, generator=self.generator) if self.generator is not None \
             else torch.arange(self.size)
-        if self.world == 1:
-            return iter(order.tolist())
         if not self.pad:
             return iter(order[self.rank::self.world].tolist())
-        total = math.ceil(self.size / self.world) * self.world
+        total = self.padded_total()
+        if self.world == 1:
+            return iter(order[:total].tolist())
         padded = order.repeat(math.ceil(total / self.size))[:total]
         mine = []
         for start in range(0, total, self.global_batch):
@@ -74,24 +89,3 @@ def per_rank_batch(global_batch: int, flag: str) -> int:
         raise UserError(f"{flag} {global_batch} is the global batch and must be divisible by the "
                         f"{world} processes torchrun started")
     return global_batch // world
-
-
-def reduce_metrics(metrics: HeadMetrics) -> dict:
-    """Per-head metrics over every rank's samples."""
-    if not distributed.is_distributed():
-        return metrics.compute()
-    import numpy as np
-    import torch.distributed as dist
-
-    labels, predictions = metrics.merge_arrays()
-    local = (labels, predictions, dict(metrics.loss_sums), dict(metrics.norm_sums), metrics.count,
-             dict(metrics.modulated_sums))
-    gathered = [None] * distributed.world_size()
-    dist.all_gather_object(gathered, local)
-    all_labels = np.concatenate([g[0] for g in gathered])
-    all_predictions = {h: np.concatenate([g[1][h] for g in gathered]) for h in metrics.heads}
-    loss_sums = {h: sum(g[2].get(h, 0.0) for g in gathered) for h in metrics.heads}
-    norm_sums = {h: sum(g[3].get(h, 0.0) for g in gathered) for h in metrics.heads}
-    count = sum(g[4] for g in gathered)
-    modulated = {h: sum(g[5][h] for g in gathered) for h in metrics.heads if h in metrics.modulated_sums}
-    return metrics.compute(all_labels, all_predictions, loss_sums, norm_sums, count, modulated)

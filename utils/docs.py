@@ -76,6 +76,31 @@ def recorded_command(report: Path, root: Path = ROOT) -> str | None:
     return command
 
 
+RECORDED_TORCH = re.compile(r"; torch (?P<version>[^,;]+)")
+
+
+def environment_flags(root: Path = ROOT) -> list[str]:
+    """One line per included report written under another torch than this environment's (or
+    whose header does not say): its numbers may not be what this installation prints."""
+    from importlib import metadata
+
+    current = metadata.version("torch")
+    flags = []
+    for source in included_reports(root):
+        path = root / source
+        if not path.is_file():
+            continue
+        header = path.read_text().split("\n", 1)[0]
+        recorded = RECORDED_TORCH.search(header)
+        if recorded is None:
+            flags.append(f"{source}: the torch version it was produced under is not recorded (this environment: "
+                         f"torch {current}); rerun its command to refresh it")
+        elif recorded["version"].strip() != current:
+            flags.append(f"{source}: produced under torch {recorded['version'].strip()}, this environment has torch "
+                         f"{current}; its numbers may differ here")
+    return flags
+
+
 def rerun(root: Path = ROOT, skip: tuple[str, ...] = ()) -> int:
     """Rerun the recorded command of every included report (``$PYTHON`` for ``python``);
     reports whose command reads temporary run folders are named and left as they are."""
@@ -114,6 +139,8 @@ def main(argv=None) -> int:
     parser.add_argument("--skip", nargs="*", default=[], help="report names (e.g. main-job) --rerun leaves alone")
     args = parser.parse_args(argv)
     status = rerun(ROOT, tuple(args.skip)) if args.rerun else 0
+    for flag in environment_flags():
+        print(f"flagged: {flag}", file=sys.stderr)
     for doc in documents():
         if not doc.is_file():
             continue

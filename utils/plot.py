@@ -69,6 +69,21 @@ def head_colours(heads: Sequence[str]) -> dict[str, str]:
     return {h: KNOWN_HEAD_COLOURS.get(h) or next(spare) for h in heads}
 
 
+def grouped_bars(axis, labels: Sequence[str], groups: dict[str, dict[str, tuple[float, float]]],
+                 colours: dict[str, str]) -> list[float]:
+    """One bar per label (x) and group (colour) with its mean ± std (``groups[group][label]``; a
+    label a group lacks gets no bar); returns the bars' tops (mean + std)."""
+    width = 0.8 / max(len(groups), 1)
+    tops = []
+    for i, (group, values) in enumerate(groups.items()):
+        present = [(x, values[label]) for x, label in enumerate(labels) if label in values]
+        axis.bar([x + (i - (len(groups) - 1) / 2) * width for x, _ in present], [m for _, (m, _) in present], width,
+                 yerr=[s for _, (_, s) in present], capsize=2, color=colours[group], label=group)
+        tops += [m + s for _, (m, s) in present]
+    axis.set_xticks(range(len(labels)), labels, rotation=30, ha="right", fontsize=8)
+    return tops
+
+
 def series(rows: list[dict], *keys: str) -> tuple[list[int], list[float]]:
     """(epochs, values) of rows[...][k1][k2]... where the value is present."""
     epochs, values = [], []

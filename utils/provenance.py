@@ -38,9 +38,30 @@ def gpu_model() -> str | None:
     return None
 
 
+def library_versions() -> str:
+    """The versions the printed numbers depend on (they differ between torch releases)."""
+    from importlib import metadata
+
+    parts = []
+    for name in ("torch", "numpy"):
+        try:
+            parts.append(f"{name} {metadata.version(name)}")
+        except metadata.PackageNotFoundError:
+            parts.append(f"{name} not installed")
+    return ", ".join(parts)
+
+
+def pinned_cores() -> list[int] | None:
+    """The cores this process is pinned to, when that is fewer than the machine has."""
+    if not hasattr(os, "sched_getaffinity"):
+        return None
+    allowed = sorted(os.sched_getaffinity(0))
+    return allowed if len(allowed) < (os.cpu_count() or len(allowed)) else None
+
+
 def machine_summary() -> str:
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    parts = [f"{cpu_model()}, {cores} cores"]
+    parts = [f"{cpu_model()}, {cores} cores", library_versions()]
     gpu = gpu_model()
     if gpu:
         parts.append(gpu)
@@ -52,9 +73,19 @@ def machine_summary() -> str:
     return "; ".join(parts)
 
 
+REPOSITORY = Path(__file__).resolve().parents[1]
+
+
 def command_line(argv: list[str] | None = None) -> str:
+    """The command as typed from the repository root: paths inside the checkout relative, and
+    ``taskset -c CORES`` in front when the process is pinned (the figure depends on it)."""
     argv = sys.argv if argv is None else argv
-    return " ".join(shlex.quote(a) for a in argv)
+    words = [a.replace(f"{REPOSITORY}/", "") for a in argv]
+    if words and words[0].endswith(".py") and not words[0].startswith("python"):
+        words.insert(0, "python")
+    pinned = pinned_cores()
+    prefix = ["taskset", "-c", ",".join(map(str, pinned))] if pinned else []
+    return " ".join(shlex.quote(a) for a in prefix + words)
 
 
 def provenance_header(command: str | None = None) -> str:

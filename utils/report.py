@@ -58,21 +58,38 @@ def summary_table(results: dict, rows: list[dict] | None = None) -> str:
     lines = [f"{results['dataset']} / {results['method']}: best epoch {results['best_epoch']} "
              f"of {results['epochs']} (picked on val {results['selection_head']} accuracy), "
              f"{results['seconds']:.0f} s"]
-    header = f"{'head':<10}{'val acc':>9}{'test acc':>10}{'test F1':>9}{'coef':>8}"
+    imbalance = results.get("imbalance") or {}
+    probes = imbalance.get("probe") or {}
+    reliance = ((imbalance.get("reliance") or {}).get("test") or {})
+    shapley = ((imbalance.get("shapley") or {}).get("test") or {}).get("values", {})
+    width = max([10] + [len(f"probe {m}") + 1 for m in probes])
+    header = f"{'head':<{width}}{'val acc':>9}{'test acc':>10}{'test F1':>9}{'coef':>8}"
     if olm:
         header += f"{'ratio':>8}{'saturated':>11}"
+    if reliance:
+        header += f"{'reliance':>10}{'Shapley':>9}"
     lines.append(header)
     for head in heads:
         coefficient = results.get("coefficients", {}).get(head, float("nan"))
-        line = (f"{head:<10}{results['val'][head]['acc']:>9.3f}{results['test'][head]['acc']:>10.3f}"
+        line = (f"{head:<{width}}{results['val'][head]['acc']:>9.3f}{results['test'][head]['acc']:>10.3f}"
                 f"{results['test'][head]['f1']:>9.3f}{coefficient:>8.3f}")
         if olm:
             share = olm["saturated_head"][head]
             line += f"{olm['ratio'][head]:>8.3f}" + (f"{100 * share:>10.0f}%" if not math.isnan(share) else f"{'—':>11}")
+        if reliance:
+            line += (f"{reliance[head]['drop']:>10.3f}{shapley.get(head, math.nan):>9.3f}" if head in reliance
+                     else f"{'—':>10}{'—':>9}")
         lines.append(line)
+    for m, probe in probes.items():
+        lines.append(f"{'probe ' + m:<{width}}{probe['val']['acc']:>9.3f}{probe['test']['acc']:>10.3f}"
+                     f"{probe['test']['f1']:>9.3f}{'—':>8}")
     if olm:
         total = olm["saturated"]
         lines.append(f"ratio: mean OLM target ratio; saturated: share of steps whose target put all the mass "
                      f"on that head ({'' if math.isnan(total) else f'{100 * total:.0f}% of steps in all, '}"
                      f"{epochs_label(olm['epochs'])})")
+    if probes:
+        lines.append("probe: linear probe of the best checkpoint's frozen encoder (fitted on train, l2 picked on val)"
+                     + ("; reliance: drop in fusion test acc when that modality's features come from other "
+                        "samples; Shapley: its share of fusion test acc over modality subsets" if reliance else ""))
     return "\n".join(lines)

@@ -2,11 +2,13 @@
 sentence when a model lacks it (encoder features, detachable or shareable unimodal heads)."""
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 from torch import nn
 
-from utils import distributed
-from utils.errors import UserError
+from olmbalance import distributed
+from olmbalance.errors import UserError
 
 
 def keep_features(model: nn.Module, method_name: str) -> nn.Module:
@@ -25,3 +27,10 @@ def last_features(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def encoder_parameters(model: nn.Module, modality: str) -> list[nn.Parameter]:
     return [p for p in distributed.unwrap(model).encoders[modality].parameters() if p.requires_grad]
+
+
+def modality_parts(fusion: nn.Module, features: Sequence[torch.Tensor]) -> list[torch.Tensor] | None:
+    """Each modality's share of ``fusion``'s logits, or None where the head mixes modalities
+    before classifying (film, gated, attention, bilinear) and no such share exists."""
+    split = getattr(fusion, "modality_logits", None)
+    return split(features) if split is not None else None
