@@ -46,10 +46,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--data-root", help="a prepared CREMA-D (AudioWAV/, Image-01-FPS/, train.csv) "
                         "to read instead of the generated fixture")
     parser.add_argument("--clips", type=int, default=48, help="clips in the generated fixture")
-    parser.add_argument("--samples", type=int, default=160,
-                        help="samples timed per pipeline (clips are revisited when fewer)")
+    parser.add_argument("--samples", type=int, default=480,
+                        help="samples timed per pipeline and round (clips are revisited when fewer)")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="rounds; in each, every pipeline is timed in turn (the median is reported)")
     parser.add_argument("--batch-size", type=int, default=16, help="loader batch")
-    parser.add_argument("--parts", type=int, default=24, help="samples timed per part (audio, frame)")
+    parser.add_argument("--parts", type=int, default=64, help="samples timed per part (audio, frame)")
     parser.add_argument("--step-rate", type=float, default=H100_FP32_STEP,
                         help="samples/s the training step consumes; the workers needed to feed it are printed")
     parser.add_argument("--workers", type=int, default=0,
@@ -57,7 +59,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--report", type=Path, help="also write the tables to this markdown file "
                         "(e.g. docs/results/bench-loader.md)")
     args = parser.parse_args(argv)
-    for flag in ("clips", "samples", "batch_size", "parts"):
+    for flag in ("clips", "samples", "rounds", "batch_size", "parts"):
         if getattr(args, flag) < 1:
             parser.error(f"--{flag.replace('_', '-')} must be at least 1")
     if args.step_rate <= 0 or args.workers < 0:
@@ -176,11 +178,10 @@ def worker_rate(dataset, args, collate_fn=None) -> float:
     return seen / (time.perf_counter() - began)
 
 
-def warm_rate(dataset, args, collate_fn) -> float:
-    """``worker_rate`` once every clip's spectrogram is in the cache (filled here first)."""
+def fill_cache(dataset) -> None:
+    """Every clip's spectrogram into the cache: later reads are warm."""
     for clip in dataset.clips:
         dataset.spectrogram_fn(clip.audio_path, dataset.audio)
-    return worker_rate(dataset, args, collate_fn)
 
 
 def loader_rate(dataset, args, workers: int, collate_fn) -> float:
@@ -267,12 +268,19 @@ def run(args) -> None:
             raise UserError(f"--data-root {root} is not a folder")
         plain, cached = project_train_set(root, spec_cache=False), project_train_set(root, spec_cache=True)
         released = ReleasedPipeline(plain.clips)
-        print(f"{len(plain)} training clips; timing {args.samples} samples per pipeline in one worker", flush=True)
-        rows = [("this project, no spectrogram cache", worker_rate(plain, args, collate_skipping_bad)),
-                ("this project, warm spectrogram cache", warm_rate(cached, args, collate_skipping_bad)),
-                ("released (PIL + torchvision transforms, librosa)", worker_rate(released, args))]
-        for name, rate in rows:
-            print(f"  {name}: {rate:.1f} samples/s per worker", flush=True)
+        print(f"{len(plain)} training clips; timing {args.samples} samples per pipeline in one worker, "
+              f"{args.rounds} rounds", flush=True)
+        fill_cache(cached)
+        pipelines = {"this project, no spectrogram cache": (plain, collate_skipping_bad),
+                     "this project, warm spectrogram cache": (cached, collate_skipping_bad),
+                     "released (PIL + torchvision transforms, librosa)": (released, None)}
+        rates = {name: [] for name in pipelines}
+        for round_number in range(1, args.rounds + 1):
+            for name, (dataset, collate_fn) in pipelines.items():
+                rates[name].append(worker_rate(dataset, args, collate_fn))
+            print(f"  round {round_number}: " + ", ".join(f"{r[-1]:.0f}" for r in rates.values())
+                  + " samples/s", flush=True)
+        rows = [(name, statistics.median(values), min(values), max(values)) for name, values in rates.items()]
         breakdown = parts(plain, released, cached, args)
         together = loader_rate(cached, args, args.workers, collate_skipping_bad) if args.workers else None
     source = "a prepared CREMA-D" if args.data_root else (
@@ -281,11 +289,13 @@ def run(args) -> None:
         f"CPU: {cpu_model()}; {versions()}.", "",
         f"One DataLoader worker process (torch on one thread, as in every worker), batch {args.batch_size}, "
         f"{args.samples} training samples of {source} at the released sizes (257x188 spectrogram, one "
-        f"224x224 frame, training augmentation), timed from the first batch on. Workers needed: to feed "
-        f"{args.step_rate:,.0f} samples/s (`--step-rate`), one core each.", "",
+        f"224x224 frame, training augmentation), timed from the first batch on; median (range) of "
+        f"{args.rounds} rounds, the pipelines in turn in each. Workers needed: to feed "
+        f"{args.step_rate:,.0f} samples/s (`--step-rate`), one core each, at the median rate. The first "
+        "epoch, which fills the cache, runs at the no-cache rate.", "",
         "| pipeline | samples/s per worker | ms per sample | workers needed |", "|---|---|---|---|"]
-    lines += [f"| {name} | {rate:.1f} | {1000 / rate:.1f} | {math.ceil(args.step_rate / rate)} |"
-              for name, rate in rows]
+    lines += [f"| {name} | {rate:.0f} ({low:.0f}-{high:.0f}) | {1000 / rate:.1f} | {math.ceil(args.step_rate / rate)} |"
+              for name, rate, low, high in rows]
     lines += ["", "Where a sample's time goes, median ms in one thread:", "",
               "| part | this project | released |", "|---|---|---|"]
     lines += [f"| {name} | {ours:.2f} | {'-' if math.isnan(theirs) else f'{theirs:.2f}'} |"

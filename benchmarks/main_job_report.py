@@ -1,5 +1,5 @@
-"""Run the main job (``scripts/run_logits_com.sh cpu``: OLM on the embedded AV-Digits set, its
-defaults) and write what it printed, its wall time (AV-Digits materialization included when the
+"""Run the main job (``scripts/run_logits_com.sh cpu``: OLM on the embedded AVDigitsImbalanced
+set, its defaults) and write what it printed, its wall time (AV-Digits materialization included when the
 cache is cold) and its checkpoint sizes to a report headed by the command and the CPU model.
 
     OMP_NUM_THREADS=1 python benchmarks/main_job_report.py --report docs/results/main-job.md

@@ -170,48 +170,65 @@ def _frames_by_seek(capture, source_fps, fps):
         k += 1
 
 
-def extract_frames(video_path, out_dir, fps=1, method="auto", decoder_threads=None,
-                   jpeg_quality=JPEG_QUALITY):
-    """Keep `fps` frames per second of video as `out_dir/00000.jpg`, `00030.jpg`, ... (named
-    after the source frame, as the released scripts did, so name order is time order);
-    return the count.
-
-    Frames are written into a hidden sibling folder that is renamed to `out_dir` at the
-    end, so `out_dir` existing means the clip is complete.
-    """
+def source_rate(capture, fps):
+    """The video's frame rate, checked usable for keeping ``fps`` frames per second."""
     import cv2
-    if method not in FRAME_METHODS:
-        raise ValueError(f"method must be one of {FRAME_METHODS}, got {method!r}")
+    source_fps = capture.get(cv2.CAP_PROP_FPS)
+    if not source_fps or source_fps != source_fps or source_fps > 1000:
+        raise MediaError(f"video reports no usable frame rate ({source_fps})")
+    if fps > max(1, int(source_fps)):
+        raise MediaError(f"--fps {fps} exceeds the video's frame rate ({source_fps:g})")
+    return source_fps
+
+
+def write_clip_folder(video_path, out_dir, decoder_threads, write):
+    """Open the video and run ``write(capture, folder) -> count`` into a hidden sibling of
+    ``out_dir``, renamed to ``out_dir`` when it returns: ``out_dir`` existing means the clip is
+    complete, and a failure (``write`` raising) leaves nothing behind. Returns the count."""
     out_dir = Path(out_dir)
     partial = temp_sibling(out_dir)
     shutil.rmtree(partial, ignore_errors=True)  # left over from a killed run
     capture = _open_capture(video_path, decoder_threads)
     try:
-        source_fps = capture.get(cv2.CAP_PROP_FPS)
-        if not source_fps or source_fps != source_fps or source_fps > 1000:
-            raise MediaError(f"video reports no usable frame rate ({source_fps})")
-        if fps > max(1, int(source_fps)):
-            raise MediaError(f"--fps {fps} exceeds the video's frame rate ({source_fps:g})")
-        if method == "auto":
-            method = choose_method(video_path, source_fps, fps)
-        frames = (_frames_by_seek if method == "seek" else _frames_by_grab)(
-            capture, source_fps, fps)
         partial.mkdir(parents=True)
-        count = 0
-        for count, (index, frame) in enumerate(frames, start=1):
-            target = partial / f"{index:05d}.jpg"
-            if not cv2.imwrite(str(target), frame, [cv2.IMWRITE_JPEG_QUALITY, jpeg_quality]):
-                raise MediaError(f"could not write {target}")
+        count = write(capture, partial)
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise
     finally:
         capture.release()
-    if count == 0:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise MediaError("no frame could be decoded")
     os.replace(partial, out_dir)
     return count
+
+
+def write_jpeg(folder, index, image, jpeg_quality=JPEG_QUALITY):
+    """``folder/<index:05d>.jpg``, named after the source frame so name order is time order."""
+    import cv2
+    target = Path(folder) / f"{index:05d}.jpg"
+    if not cv2.imwrite(str(target), image, [cv2.IMWRITE_JPEG_QUALITY, jpeg_quality]):
+        raise MediaError(f"could not write {target}")
+
+
+def extract_frames(video_path, out_dir, fps=1, method="auto", decoder_threads=None,
+                   jpeg_quality=JPEG_QUALITY):
+    """Keep `fps` frames per second of video as `out_dir/00000.jpg`, `00030.jpg`, ... (named
+    after the source frame, as the released scripts did, so name order is time order);
+    return the count. Written atomically (``write_clip_folder``)."""
+    if method not in FRAME_METHODS:
+        raise ValueError(f"method must be one of {FRAME_METHODS}, got {method!r}")
+
+    def write(capture, folder):
+        source_fps = source_rate(capture, fps)
+        chosen = method if method != "auto" else choose_method(video_path, source_fps, fps)
+        count = 0
+        for count, (index, frame) in enumerate(
+                (_frames_by_seek if chosen == "seek" else _frames_by_grab)(capture, source_fps, fps), start=1):
+            write_jpeg(folder, index, frame, jpeg_quality)
+        if count == 0:
+            raise MediaError("no frame could be decoded")
+        return count
+
+    return write_clip_folder(video_path, out_dir, decoder_threads, write)
 
 
 
@@ -278,38 +295,17 @@ def extract_faces(video_path, out_dir, fps=0, face_size=FACE_SIZE, decoder_threa
     """Save the largest face of every frame (``fps`` 0; else ``fps`` frames per second, chosen as
     the frame extraction chooses them) as ``out_dir/<frame>.jpg``, a ``face_size`` square, named
     after the source frame; frames without a face are left out, as OpenFace leaves out frames it
-    cannot align. Written into a hidden sibling folder renamed at the end, so ``out_dir``
-    existing means the clip is complete. Returns the number of faces saved."""
-    import cv2
-    out_dir = Path(out_dir)
-    partial = temp_sibling(out_dir)
-    shutil.rmtree(partial, ignore_errors=True)  # left over from a killed run
-    capture = _open_capture(video_path, decoder_threads)
-    frames = saved = 0
-    try:
-        source_fps = capture.get(cv2.CAP_PROP_FPS)
-        if fps and (not source_fps or source_fps != source_fps or source_fps > 1000):
-            raise MediaError(f"video reports no usable frame rate ({source_fps})")
-        if fps and fps > max(1, int(source_fps)):
-            raise MediaError(f"--fps {fps} exceeds the video's frame rate ({source_fps:g})")
-        partial.mkdir(parents=True)
-        chosen = _frames_by_grab(capture, source_fps, fps) if fps else _every_frame(capture)
+    cannot align. Written atomically (``write_clip_folder``); returns the number of faces saved."""
+    def write(capture, folder):
+        chosen = _frames_by_grab(capture, source_rate(capture, fps), fps) if fps else _every_frame(capture)
+        frames = saved = 0
         for frames, (index, frame) in enumerate(chosen, start=1):
             box = largest_face(frame)
-            if box is None:
-                continue
-            target = partial / f"{index:05d}.jpg"
-            if not cv2.imwrite(str(target), face_crop(frame, box, face_size),
-                               [cv2.IMWRITE_JPEG_QUALITY, jpeg_quality]):
-                raise MediaError(f"could not write {target}")
-            saved += 1
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
-    finally:
-        capture.release()
-    if saved == 0:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise MediaError("no frame could be decoded" if frames == 0 else f"no face found in {frames} frames")
-    os.replace(partial, out_dir)
-    return saved
+            if box is not None:
+                write_jpeg(folder, index, face_crop(frame, box, face_size), jpeg_quality)
+                saved += 1
+        if saved == 0:
+            raise MediaError("no frame could be decoded" if frames == 0 else f"no face found in {frames} frames")
+        return saved
+
+    return write_clip_folder(video_path, out_dir, decoder_threads, write)

@@ -152,7 +152,7 @@ def find_videos(video_dirs, suffix):
     for video_dir in video_dirs:
         for folder, subfolders, names in os.walk(video_dir):
             # Outputs of earlier runs (frame folders, wavs) hold no videos: do not walk them.
-            subfolders[:] = [d for d in subfolders if not (d.startswith((".", "Image-")) or d == "audio")]
+            subfolders[:] = [d for d in subfolders if not (d.startswith((".", "Image-")) or d in ("audio", FACES_DIR))]
             paths += [Path(folder) / name for name in names if name.lower().endswith(suffixes)]
     for path in sorted(paths):
         if path.suffix.lower() not in suffixes or path.name.startswith(".") or not path.is_file():

@@ -67,7 +67,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import ConcatDataset, DataLoader
 
-from engines.metrics import f1_scores
+from utils.predictions import PREDICTIONS_FILE, read_predictions, write_predictions  # noqa: F401
+from utils.scores import f1_scores
 from utils.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -78,7 +79,6 @@ RELIANCE_REPEATS = 5
 # Derangements come from their own generator, seeded with seed + this offset + the modality's index.
 RELIANCE_SEED_OFFSET = 104729
 SPLITS = ("val", "test")
-PREDICTIONS_FILE = "predictions.npz"
 FUSION_CHUNK = 4096  # samples per fusion-head call when scoring a whole split
 NO_MODALITY = "none"  # the Shapley subset with every modality absent
 
@@ -259,7 +259,7 @@ def head_logits(model: nn.Module, features: Mapping[str, torch.Tensor], predict:
 
 
 def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
-    return float((logits.argmax(dim=1) == labels).float().mean())
+    return int((logits.argmax(dim=1) == labels).sum()) / len(labels)
 
 
 def derangement(count: int, generator: torch.Generator) -> torch.Tensor:
@@ -361,23 +361,6 @@ def protocol() -> dict:
                      f"iterations from zeros, l2 in {list(PROBE_L2_GRID)} picked on val accuracy",
             "reliance": f"{RELIANCE_REPEATS} seeded derangements of one modality's features",
             "shapley": "fusion accuracy over modality subsets, absent inputs zeroed (BalanceBenchmark)"}
-
-
-def write_predictions(run_dir: Path, predictions: dict, head: str) -> Path:
-    path = Path(run_dir) / PREDICTIONS_FILE
-    tmp = path.with_name(path.name + ".tmp.npz")
-    np.savez_compressed(tmp, head=np.array(head), **predictions)
-    tmp.replace(path)
-    return path
-
-
-def read_predictions(run_dir: Path) -> dict | None:
-    """The run's saved probabilities, or None when it has none (diagnostics off, older run)."""
-    path = Path(run_dir) / PREDICTIONS_FILE
-    if not path.is_file():
-        return None
-    with np.load(path) as saved:
-        return {key: saved[key] for key in saved.files}
 
 
 def diagnose_run(run_dir: Path, model: nn.Module, data, cfg, device: torch.device,

@@ -27,3 +27,40 @@ def method_from_config(cfg, heads: Sequence[str], train_size: int) -> Method:
     saved = getattr(cfg, "method_settings", None) or {}
     settings = {setting.name: saved[key] for key, setting in entry.keys().items() if key in saved}
     return build_method(cfg.method, heads, settings, context)
+
+
+def methods_table() -> str:
+    """Markdown: every registered method, its flags with their defaults, and its authors' recipe."""
+    import olmbalance
+
+    def recipe_text(values: dict) -> str:
+        return ", ".join(f"{k} {v}" for k, v in values.items()) or "—"
+
+    lines = ["| method | what it is | settings (flag: default) | without `--recipe` | authors' recipe (`--recipe authors`) |",
+             "|---|---|---|---|---|"]
+    for name, entry in olmbalance.METHODS.items():
+        settings = "; ".join(f"`{entry.flag(s)}`: {s.default}" for s in entry.settings) or "—"
+        recipes = ["; ".join(f"{dataset if dataset != '*' else 'all'}: {recipe_text(values)}"
+                             for dataset, values in entry.recipes.get(choice, {}).items()) or "the dataset's"
+                   for choice in ("default", "authors")]
+        lines.append(f"| `{name}` | {entry.summary} | {settings} | {recipes[0]} | {recipes[1]} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Print (or write) the table of registered methods, "
+                                     "their settings and their authors' recipes.")
+    parser.add_argument("--report", help="write the table to this markdown file (e.g. docs/results/methods.md)")
+    args = parser.parse_args(argv)
+    table = methods_table()
+    if args.report:
+        from utils.provenance import write_report
+
+        write_report(args.report, "Registered methods, read from the registry (olmbalance).\n\n" + table)
+    print(table, end="")
+
+
+if __name__ == "__main__":
+    main()

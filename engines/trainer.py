@@ -239,7 +239,7 @@ def fit(cfg: Config, model: nn.Module, method: Method, loaders: Loaders, run_dir
             train = reduce_metrics(train_metrics)
             val = reduce_metrics(evaluate(net, loaders.val, heads, ctx, f"epoch {epoch} val", method))
             test = reduce_metrics(evaluate(net, loaders.test, heads, ctx, f"epoch {epoch} test", method))
-            method.end_epoch(epoch, train, val)  # G-Blending's weights, PMR's prototypes
+            method.end_epoch(epoch, train, val)  # train and val metrics only, never test
             skipped = distributed.all_reduce_sum(ctx.skipped_samples)
             if scheduler is not None:
                 scheduler.step()

@@ -219,7 +219,8 @@ _OGM_OPTIMIZER = dict(optimizer="sgd", lr=1e-3, momentum=0.9, weight_decay=1e-4,
               Setting("modulation_ends", int, 50, "last epoch (0-based, inclusive) in which gradients are modulated"),
               Setting("generalization", bool, True, "add the GE noise N(0, std(g)) (false: plain OGM)")),
     recipes={"authors": {"*": dict(_OGM_OPTIMIZER, batch_size=64, epochs=100), "CREMAD": dict(ogm_alpha=0.8)},
-             "default": {"*": _OGM_OPTIMIZER, "CREMAD": dict(ogm_alpha=0.8), "AVDigits": dict(lr=1e-2)}},
+             "default": {"*": _OGM_OPTIMIZER, "CREMAD": dict(ogm_alpha=0.8), "AVDigits": dict(lr=1e-2),
+                         "AVDigitsImbalanced": dict(lr=1e-2)}},
     summary="OGM-GE, on-the-fly gradient modulation with generalization enhancement (Peng et al., CVPR 2022)")
 def ogm_ge(heads, context, alpha, modulation_starts, modulation_ends, generalization):
     return OGMGE(heads, context, alpha=alpha, generalization=generalization,

@@ -122,17 +122,29 @@ class LogitModulator(nn.Module):
         self.register_buffer("reference_heldout", torch.zeros(len(heads)))
         self.register_buffer("reference_count", torch.zeros((), dtype=torch.long))
         self.last: dict[str, torch.Tensor] = {}
+        # A host copy of reference_count: reading the buffer every step would make the host
+        # wait for the device (a CUDA sync per step). Refreshed from the buffer after loading.
+        self._host_count: int | None = 0
+
+    def _count(self) -> int:
+        if self._host_count is None:
+            self._host_count = int(self.reference_count)
+        return self._host_count
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self._host_count = None
 
     @property
     def collecting_reference(self) -> bool:
-        return int(self.reference_count) < self.reference_steps
+        return self._count() < self.reference_steps
 
     @property
     def in_reference_tail(self) -> bool:
         """Will the next ``norm_loss`` call be averaged into the reference losses? A loop that
         reuses held-out losses between passes should measure fresh ones for these calls: the
         reference is what every later G is measured against."""
-        count = int(self.reference_count)
+        count = self._count()
         return self.reference_steps - self.reference_tail <= count < self.reference_steps
 
     def coefficient(self, head: str) -> torch.Tensor:
@@ -154,9 +166,11 @@ class LogitModulator(nn.Module):
                             for h in self.heads]).detach().float()
 
     def _update_reference(self, train: torch.Tensor, heldout: torch.Tensor | None) -> None:
+        count = self._count() + 1
         self.reference_count += 1
+        self._host_count = count
         # Calls before the window's tail are counted but not averaged in.
-        in_tail = int(self.reference_count) - (self.reference_steps - self.reference_tail)
+        in_tail = count - (self.reference_steps - self.reference_tail)
         if in_tail < 1:
             return
         self.reference_train += (train - self.reference_train) / in_tail

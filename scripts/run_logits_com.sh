@@ -2,7 +2,8 @@
 # OLM (rate target, "OLM-com") on a late-fusion audio-visual dataset.
 # Usage: bash scripts/run_logits_com.sh GPU [DATASET] [extra main.py flags...]
 #   GPU      CUDA index (0, 1, ...) or "cpu"
-#   DATASET  AVDigits (default, embedded), CREMAD, AVE, KineticSound, VGGSound
+#   DATASET  AVDigitsImbalanced (default: embedded, with measured modality imbalance),
+#            AVDigits (embedded, balanced), CREMAD, AVE, KineticSound, VGGSound
 # Example: bash scripts/run_logits_com.sh cpu AVDigits --epochs 5
 set -euo pipefail
 METHOD=${METHOD:-olm}
@@ -11,7 +12,7 @@ if [[ $# -lt 1 || "$1" == "-h" || "$1" == "--help" ]]; then
   exit $([[ $# -lt 1 ]] && echo 2 || echo 0)
 fi
 GPU=$1; shift
-DATASET=AVDigits
+DATASET=AVDigitsImbalanced
 if [[ $# -gt 0 && "$1" != -* ]]; then DATASET=$1; shift; fi
 if [[ "$GPU" == "cpu" ]]; then DEVICE=cpu; elif [[ "$GPU" =~ ^[0-9]+$ ]]; then DEVICE="cuda:$GPU"; else
   echo "error: GPU must be a CUDA index or 'cpu', got '$GPU'" >&2; exit 2; fi

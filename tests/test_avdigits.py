@@ -184,3 +184,33 @@ def test_occlusion_blanks_a_square_of_the_requested_side():
     assert frame.shape == (8, 8, 3)
     assert int((frame[..., 0] == 0).sum()) == 16
     assert int((frame[..., 0] == 255).sum()) == 48
+
+
+def test_the_imbalanced_setting_is_the_candidate_the_selection_log_chose():
+    # datasets/avdigits.py IMBALANCED must be the knobs benchmarks/imbalance_search.py measured.
+    from benchmarks.imbalance_search import CANDIDATES, CHOSEN
+    from datasets.avdigits import IMBALANCED
+    from datasets.registry import get_dataset_spec
+
+    knobs, flags = CANDIDATES[CHOSEN]
+    assert knobs == IMBALANCED
+    defaults = get_dataset_spec("AVDigitsImbalanced").defaults
+    assert defaults["image_size"] == IMBALANCED["image_size"] == int(flags[flags.index("--image-size") + 1])
+
+
+def test_canvas_and_clutter_draw_the_digit_somewhere_on_a_larger_board(tmp_path):
+    # The imbalanced setting's rendering: the 8x8 digit lands at a seeded place of the canvas.
+    import numpy as np
+
+    from datasets.avdigits import place_on_canvas
+
+    digit = np.ones((8, 8), dtype=np.float32)
+    places = set()
+    for seed in range(6):
+        board = place_on_canvas(digit, np.random.default_rng(seed), 12, 0, None)
+        assert board.shape == (12, 12) and board.sum() == 64
+        rows, cols = np.nonzero(board)
+        places.add((rows.min(), cols.min()))
+    assert len(places) > 1
+    cluttered = place_on_canvas(digit * 0, np.random.default_rng(0), 12, 3, np.ones((5, 8, 8), np.float32))
+    assert 0 < cluttered.sum() <= 3 * 16

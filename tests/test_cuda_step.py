@@ -44,8 +44,8 @@ def test_a_training_step_reads_nothing_back_from_the_device(method_name):
             train_step(model, method, batch, iter(held), ctx, metrics, diagnostics)
     loop = {where: n for where, n in counts.items() if where in LOOP_FILES}
     assert loop == {}, f"the loop read the device per step: {loop}"
-    if method_name == "joint":
-        assert sum(counts.values()) == 0, dict(counts)
+    # OLM's reference window is counted on the host too (olmbalance/olm.py keeps a host copy).
+    assert sum(counts.values()) == 0, dict(counts)
     assert len(ctx.pending_checks) == len(batches) * (2 if method.coefficient_parameters() else 1)
     # Everything comes back at the logging interval, in a few reads whatever the step count.
     with count_host_reads() as counts:

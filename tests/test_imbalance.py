@@ -238,7 +238,7 @@ def test_compare_ensemble_row_equals_a_hand_computation(tmp_path):
     assert summary["methods"]["audio_only"]["imbalance"] == {"probe": {"audio": [0.55]}, "reliance": {}, "shapley": {}}
 
     markdown = compare.render_markdown(summary)
-    assert "| ensemble (audio_only + visual_only) | 1 | — | — | 50.0 ± 0.0 |" in markdown
+    assert "| ensemble (audio_only + visual_only) | 1 | — | — | — | 50.0 ± 0.0 |" in markdown
     assert "## Imbalance diagnostics" in markdown
     # probes 60, 40; reliance 25, 5; Shapley 30, 10; fusion 75 against the ensemble's 50.
     row = "| joint | 1 | " + " | ".join(f"{v:.1f} ± 0.0" for v in (60, 40, 25, 5, 30, 10)) + " | +25.0 ± 0.0 |"

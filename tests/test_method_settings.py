@@ -192,3 +192,13 @@ def test_a_setting_without_a_method_of_its_own_is_refused(tmp_path):
     with pytest.raises(UserError, match=r"has no setting 'nothing'"):
         olmbalance.build_method("agm", HEADS, {"nothing": 1})
     assert isinstance(argparse.Namespace(), argparse.Namespace)
+
+
+def test_the_published_methods_table_is_the_registry():
+    # docs/results/methods.md (in README's Methods section) must say what the code declares.
+    from pathlib import Path
+
+    from engines.methods import methods_table
+
+    published = (Path(__file__).resolve().parents[1] / "docs" / "results" / "methods.md").read_text()
+    assert methods_table() in published, "rerun: python -m engines.methods --report docs/results/methods.md"

@@ -13,7 +13,9 @@ echo "$*" >> "$CALL_LOG"
 
 # script arguments -> what the call must contain
 CALLS = [
-    (["run_logits_com.sh", "cpu", "--epochs", "1"], "main.py --dataset AVDigits --method olm --device cpu --epochs 1"),
+    (["run_logits_com.sh", "cpu", "--epochs", "1"],
+     "main.py --dataset AVDigitsImbalanced --method olm --device cpu --epochs 1"),
+    (["run_logits.sh", "cpu", "--epochs", "1"], "main.py --dataset AVDigitsImbalanced --method olm_loss_ratio --device cpu --epochs 1"),
     (["run_logits.sh", "cpu", "CREMAD"], "main.py --dataset CREMAD --method olm_loss_ratio --device cpu"),
     (["run_trans_logits_com.sh", "cpu", "mbt"], "main_trans.py --model-type mbt --method olm --device cpu"),
     (["run_trans_logits.sh", "cpu", "ca"], "main_trans.py --model-type ca --method olm_loss_ratio --device cpu"),

@@ -242,8 +242,8 @@ def unimodal_ensemble(runs: list[Run]) -> dict | None:
     seed has two single-modality runs."""
     import numpy as np
 
-    from engines.imbalance import read_predictions
-    from engines.metrics import f1_scores
+    from utils.predictions import read_predictions
+    from utils.scores import f1_scores
 
     by_seed: dict[int, dict[str, Run]] = defaultdict(dict)
     for run in runs:
@@ -296,6 +296,25 @@ def imbalance_values(runs: list[Run]) -> dict[str, dict[str, list[float]]]:
     return {key: dict(per_modality) for key, per_modality in values.items()}
 
 
+def run_recipe(run: Run) -> str:
+    """How a run was optimized, from its config.yaml: --recipe, optimizer, lr, schedule, batch."""
+    import yaml
+
+    path = run.folder / "config.yaml"
+    try:
+        config = yaml.safe_load(path.read_text()) if path.is_file() else None
+    except yaml.YAMLError:
+        config = None
+    if not config:
+        return "?"
+    text = f"{config.get('recipe', 'default')}: {config.get('optimizer', '?')} {config.get('lr', '?'):g}"
+    if config.get("optimizer") == "sgd" and config.get("momentum"):
+        text += f" m{config['momentum']:g}"
+    if config.get("lr_step"):
+        text += f", step {config['lr_step']}"
+    return text + f", batch {config.get('batch_size', '?')}"
+
+
 def summarize(runs_dir: Path, norm_split: str = "val") -> dict:
     """Everything compare.md and compare.png show, as plain data (tests read this)."""
     runs, unfinished = load_runs(runs_dir)
@@ -306,7 +325,8 @@ def summarize(runs_dir: Path, norm_split: str = "val") -> dict:
     ensemble = unimodal_ensemble(runs)
     methods = {}
     for method, method_runs in groups.items():
-        entry = {"seeds": [r.seed for r in method_runs], "heads": {}}
+        entry = {"seeds": [r.seed for r in method_runs], "heads": {},
+                 "recipe": "; ".join(sorted({run_recipe(r) for r in method_runs}))}
         for head in heads:
             acc, f1 = head_values(method_runs, head, "acc"), head_values(method_runs, head, "f1")
             if acc:
@@ -422,13 +442,13 @@ def render_markdown(summary: dict) -> str:
              "",
              "Test metrics at each run's best-on-validation epoch, in %, mean ± sample std over seeds. "
              "Methods trained on one modality report only that head.", ""]
-    header = ["method", "seeds"] + [f"{h} acc" for h in heads] + [f"{h} F1" for h in heads]
+    header = ["method", "seeds", "recipe"] + [f"{h} acc" for h in heads] + [f"{h} F1" for h in heads]
     header += ["fusion − best unimodal"]
     if len(modalities) >= 2:
         header += [f"‖z_{modalities[0]}‖/‖z_{modalities[1]}‖ ({summary['norm_split']}, best epoch)"]
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for method, entry in summary["methods"].items():
-        cells = [method, str(len(entry["seeds"]))]
+        cells = [method, str(len(entry["seeds"])), entry.get("recipe", "?")]
         cells += [format_mean_std(entry["heads"][h]["acc_values"]) if h in entry["heads"] else "—" for h in heads]
         cells += [format_mean_std(entry["heads"][h]["f1_values"]) if h in entry["heads"] else "—" for h in heads]
         cells.append(format_gap(entry["gap_values"]))
@@ -438,7 +458,7 @@ def render_markdown(summary: dict) -> str:
         lines.append("| " + " | ".join(cells) + " |")
     ensemble = summary.get("ensemble")
     if ensemble and ensemble["seeds"]:
-        cells = [ensemble_label(ensemble), str(len(ensemble["seeds"]))]
+        cells = [ensemble_label(ensemble), str(len(ensemble["seeds"])), "—"]
         for metric in ("acc", "f1"):
             cells += [format_mean_std(ensemble[f"{metric}_values"]) if h == "fusion" else "—" for h in heads]
         cells.append(format_gap([a - reference[1] for a in ensemble["acc_values"]]) if reference else "—")

@@ -79,7 +79,11 @@ REPOSITORY = Path(__file__).resolve().parents[1]
 def command_line(argv: list[str] | None = None) -> str:
     """The command as typed from the repository root: paths inside the checkout relative, and
     ``taskset -c CORES`` in front when the process is pinned (the figure depends on it)."""
-    argv = sys.argv if argv is None else argv
+    if argv is None:
+        argv = list(sys.argv)
+        spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+        if spec is not None and argv:  # run as `python -m package.module`
+            argv = ["python", "-m", spec.name.removesuffix(".__main__"), *argv[1:]]
     words = [a.replace(f"{REPOSITORY}/", "") for a in argv]
     if words and words[0].endswith(".py") and not words[0].startswith("python"):
         words.insert(0, "python")
