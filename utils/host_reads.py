@@ -6,6 +6,7 @@ of this repository that asked for them."""
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 from collections import Counter
 from pathlib import Path
@@ -31,7 +32,7 @@ def count_host_reads():
             frame = sys._getframe(1)
             while frame is not None and frame.f_code.co_filename.endswith(TENSOR_HELPERS):
                 frame = frame.f_back
-            if frame is not None and frame.f_code.co_filename.startswith(str(REPO)):
+            if frame is not None and frame.f_code.co_filename.startswith(str(REPO) + os.sep):
                 counts[Path(frame.f_code.co_filename).relative_to(REPO).as_posix()] += 1
             return original(self, *args, **kwargs)
         return counted
