@@ -92,19 +92,15 @@ def load(path: Path) -> dict | None:
         return None
 
 
-def ensemble_accuracy(audio_run: Path, visual_run: Path) -> float | None:
-    """Mean of the two unimodal runs' test softmax probabilities (engines.imbalance predictions)."""
-    from utils.predictions import read_predictions
+def ensemble_accuracy(candidate_runs: Path, seed: int) -> float | None:
+    """The comparison report's unimodal-ensemble accuracy of ``seed`` (utils.compare), from the
+    candidate's audio_only and visual_only runs (a candidate folder is a comparison folder)."""
+    from utils.compare import load_runs, unimodal_ensemble
 
-    audio, visual = read_predictions(audio_run), read_predictions(visual_run)
-    if audio is None or visual is None:
+    ensemble = unimodal_ensemble(load_runs(candidate_runs)[0])
+    if not ensemble or seed not in ensemble["seeds"]:
         return None
-    import numpy as np
-
-    if not np.array_equal(audio["test_labels"], visual["test_labels"]):
-        raise ValueError(f"{audio_run} and {visual_run} scored different test samples")
-    probabilities = (audio["test_probs"] + visual["test_probs"]) / 2
-    return float((probabilities.argmax(1) == audio["test_labels"]).mean())
+    return ensemble["acc_values"][ensemble["seeds"].index(seed)]
 
 
 def measures(runs: Path, name: str, seed: int) -> dict | None:
@@ -138,7 +134,7 @@ def measures(runs: Path, name: str, seed: int) -> dict | None:
             row[f"shapley_{method}_{modality}"] = values[modality] / max(sum(values.values()), 1e-12)
     norms = results["joint"]["test"] if results["joint"] else None
     row["norm_ratio_joint"] = norms[STRONG]["norm"] / max(norms[WEAK]["norm"], 1e-12) if norms else None
-    ensemble = ensemble_accuracy(folders["audio_only"], folders["visual_only"]) if results["audio_only"] else None
+    ensemble = ensemble_accuracy(runs / name, seed) if results["audio_only"] else None
     row["ensemble"] = None if ensemble is None else 100 * ensemble
     return row
 
