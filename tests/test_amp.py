@@ -19,6 +19,7 @@ from olmbalance import METHODS, build_method, method_entry
 from engines.metrics import HeadMetrics
 from olmbalance.olm import LogitModulator
 from engines.trainer import fp16_scaler, make_context, make_loaders
+from tests.method_steps import RankData, step_model, step_settings
 from tests.scaling_fixtures import VectorModel, vector_data
 
 
@@ -120,17 +121,17 @@ def autocast_batch(seed):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 @pytest.mark.parametrize("name", registered_methods())
 def test_every_method_trains_under_autocast_with_loss_scaling(name, dtype):
-    model = autocast_model()
-    cfg = Config(method=name, batch_size=16, lr=1e-2, coef_lr=1e-2, progress=False, device="cpu")
+    model = step_model(name, autocast_model)
+    cfg = Config(method=name, batch_size=16, lr=1e-2, coef_lr=1e-2, progress=False, device="cpu",
+                 method_settings={f"{method_entry(name).prefix}_{k}": v for k, v in step_settings(name).items()})
     method = method_from_config(cfg, model.heads, train_size=64)
     method.setup(model)
-    if name == "pmr":  # prototypes first, so that its prototype terms run under autocast too
-        from tests.test_equivalence_pmr import BatchList
-        method.start_epoch(1, model, BatchList([autocast_batch(98)[:2]]))
-        model.train()
     ctx = make_context(cfg, model, method, torch.device("cpu"))
     # What --amp gives on CUDA, on the CPU: autocast around the forwards, GradScaler's scaling.
     ctx.amp_dtype, ctx.scaler = dtype, fp16_scaler(cfg, "cpu")
+    with torch.autocast("cpu", dtype=dtype):  # what start_epoch computes (prototypes, copies) too
+        method.start_epoch(1, model, RankData(0, scale=3.0))
+    model.train()
     scale = ctx.scaler.get_scale()
     before = copy.deepcopy(model.state_dict())
     w_before = [p.detach().clone() for p in method.coefficient_parameters()]

@@ -1,5 +1,6 @@
 """The balancing methods (G-Blending, PMR, AGM, MMPareto, MLA): each one's defining computation
 against values worked out by hand, their refusals, and one epoch of each through main.py."""
+import itertools
 import math
 
 import pytest
@@ -8,16 +9,18 @@ from torch import nn
 
 from olmbalance.agm import ScaleGradient, agm_coefficients, shapley_responses
 from engines.engines_logits_com import DiagnosticMeans, StepContext, train_step
-from olmbalance import build_method
+from olmbalance import METHODS, build_method, method_entry
 from engines.metrics import HeadMetrics
 from olmbalance.mla import entropy_weights, uncertainty_fusion, update_projector
 from olmbalance.mmpareto import combine, min_norm_weights, pareto_weights
 from tests.test_distributed import assert_identical
+from tests.method_steps import RankData, step_model, step_settings
 from tests.tiny import TinyModel, tiny_late_fusion
 from utils.errors import UserError
 
 CLASSES, FEATURES, BATCH = 4, 16, 32
 NEW_METHODS = ("g_blending", "pmr", "agm", "mmpareto", "mla")
+method_entry("olm")  # the registry filled
 
 
 def tiny_model(seed=0):
@@ -153,26 +156,30 @@ def test_methods_refuse_models_without_the_heads_they_need(name):
 
 
 # -- two DDP ranks take identical decisions -----------------------------------------------------------
+def ddp_methods() -> list[str]:
+    """Every registered method but those test_distributed trains through ``fit`` on two ranks."""
+    from tests.test_distributed import METHODS as FIT_METHODS
+
+    return sorted(set(METHODS) - set(FIT_METHODS))
+
+
 def ddp_part(rank: int, world: int, out_dir) -> None:
     """This file's share of the two-rank session (tests/ddp_session.py)."""
     from utils.distributed_setup import wrap_model
 
-    for name in NEW_METHODS:
-        model = tiny_model()
-        method = build_method(name, model.heads, steps_per_epoch=2, **({"super_epoch": 2} if name == "g_blending" else {}))
+    for name in ddp_methods():
+        model = step_model(name, tiny_model)
+        method = build_method(name, model.heads, steps_per_epoch=2, **step_settings(name))
         method.setup(model)
-        if name == "g_blending":  # each rank's copies train on its own data; the weights must agree
-            from tests.test_equivalence_g_blending import rank_epoch_data
-            method.start_epoch(1, model, rank_epoch_data(rank))
-        if name == "pmr":  # prototypes from each rank's own batch: the class sums must be reduced
-            from tests.test_equivalence_pmr import BatchList
-            method.start_epoch(1, model, BatchList([tiny_batch(seed=100 + rank)]))
-            model.train()
         ctx = StepContext(device=torch.device("cpu"), network_optimizer=torch.optim.Adam(model.parameters(), lr=1e-2),
                           progress=False)
         wrapped = wrap_model(model, torch.device("cpu"), method)
+        heldout = itertools.repeat((*tiny_batch(seed=300 + rank), 0))  # OLM's held-out losses
         for i in range(4):  # each rank its own batches: decisions must come from reduced values
-            train_step(wrapped, method, (*tiny_batch(seed=10 * i + rank), 0), None, ctx,
+            if i % 2 == 0:  # each rank its own data too (PMR's prototypes, G-Blending's copies)
+                method.start_epoch(i // 2 + 1, model, RankData(rank))
+                model.train()
+            train_step(wrapped, method, (*tiny_batch(seed=10 * i + rank), 0), heldout, ctx,
                        HeadMetrics(method.heads), DiagnosticMeans())
             if i % 2 == 1:  # an "epoch" end, with metrics as the trainer hands them (reduced)
                 metrics = {h: {"loss": 1.0 / (i + j + 1)} for j, h in enumerate(method.heads)}
@@ -182,7 +189,8 @@ def ddp_part(rank: int, world: int, out_dir) -> None:
 
 def test_two_ddp_ranks_stay_identical(ddp_session):
     tmp_path = ddp_session / "balancing"
-    for name in NEW_METHODS:
+    assert set(NEW_METHODS) <= set(ddp_methods())
+    for name in ddp_methods():
         ranks = [torch.load(tmp_path / f"{name}-{r}.pt", weights_only=False) for r in range(2)]
         assert_identical(ranks[0], ranks[1], (name,))
     pmr_state = torch.load(tmp_path / "pmr-0.pt", weights_only=False)["method"]

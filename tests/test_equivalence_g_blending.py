@@ -47,6 +47,10 @@ def tiny_model(seed=0):
     return tiny_late_fusion("concat", CLASSES, FEATURES, seed)
 
 
+# tests/method_steps.py: an estimate within the cross-cutting tests' two epochs.
+STEP_SETTINGS = {"super_epoch": 2}
+
+
 def fixed_batches(count, seed):
     generator = torch.Generator().manual_seed(seed)
     return [({m: torch.randn(BATCH, 6, generator=generator) for m in MODALITIES},
