@@ -5,8 +5,8 @@ read from its own equivalence-test module so that adding a method never edits th
 
 - ``STEP_SETTINGS``: settings under which the method's per-epoch behaviour (estimates,
   re-initializations, teachers, ...) happens within the tests' two short epochs;
-- ``step_model(seed)``: a model for methods that need more than a plain late-fusion model
-  (inputs: 6 features per modality; 4 classes), with the same heads.
+- ``step_model(seed, inputs, classes)``: a model for methods that need more than a plain
+  late-fusion model (``inputs`` features per modality, ``classes`` classes), with the same heads.
 
 Every method is also handed ``start_epoch`` before its steps, with data of the rank's own.
 """
@@ -31,10 +31,10 @@ def step_settings(name: str) -> dict:
     return dict(getattr(equivalence_module(name), "STEP_SETTINGS", {}))
 
 
-def step_model(name: str, default, seed: int = 0):
+def step_model(name: str, default, seed: int = 0, inputs: int = INPUTS, classes: int = CLASSES):
     """``default(seed)`` unless the method's test module names a model of its own."""
     factory = getattr(equivalence_module(name), "step_model", None)
-    return (factory or default)(seed)
+    return factory(seed, inputs=inputs, classes=classes) if factory else default(seed)
 
 
 def vector_batch(seed: int, size: int = 16, scale: float = 1.0):
