@@ -2,7 +2,7 @@
 sentence when a model lacks it (encoder features, detachable or shareable unimodal heads)."""
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import torch
 from torch import nn
@@ -34,3 +34,10 @@ def modality_parts(fusion: nn.Module, features: Sequence[torch.Tensor]) -> list[
     before classifying (film, gated, attention, bilinear) and no such share exists."""
     split = getattr(fusion, "modality_logits", None)
     return split(features) if split is not None else None
+
+
+def fuse(model: nn.Module, features: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """The fusion head's logits for the given encoder features (modality -> (B, D)): what a
+    method gets for features it masked, scaled or replaced (the encoders are not run again)."""
+    net = distributed.unwrap(model)
+    return net.fusion([features[m] for m in net.modalities])
