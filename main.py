@@ -13,13 +13,12 @@ from utils.cli import run_cli, run_on_every_rank
 def run(cfg) -> dict:
     """Build data, model and method from ``cfg``, train, and return results.json's content."""
     from datasets.builders import build_data
-    from engines.methods import method_from_config
+    from engines.methods import model_and_method
     from olmbalance import method_entry
     from engines.trainer import fit, make_loaders
-    from models.encoders import late_fusion_model
     from utils import distributed
     from utils.checkpoint import prune_checkpoints
-    from utils.device import channels_last, compile_model, resolve_device
+    from utils.device import resolve_device
     from utils.run_dir import prepare_run_dir
     from utils.seed import seed_everything
 
@@ -33,13 +32,7 @@ def run(cfg) -> dict:
     method_entry(cfg.method)  # before any data is materialized or loaded
     data = build_data(cfg, spec)
     seed_everything(cfg.seed)
-    model = late_fusion_model(cfg, len(data.class_names), data.modalities).to(device)
-    if channels_last(cfg, device):  # default: on with CUDA, off on the CPU
-        model = model.to(memory_format=torch.channels_last)
-    if cfg.compile:
-        compile_model(model)
-    method = method_from_config(cfg, model.heads, len(data.train)).to(device)
-    method.setup(model)
+    model, method = model_and_method(cfg, len(data.class_names), data.modalities, len(data.train), device)
     loaders = make_loaders(cfg, data, device, method.needs_heldout)
     run_dir = prepare_run_dir(cfg, f"{spec.name}-{cfg.method}-{cfg.fusion}-s{cfg.seed}")
     # fit() wraps the model in DDP under torchrun (it knows which parameters the method trains).

@@ -108,19 +108,11 @@ def build(cfg, device, train_size: int, classes: int = CLASSES):
     """Model, method and step context, as main.py builds them."""
     import torch
 
-    from engines.methods import method_from_config
+    from engines.methods import model_and_method
     from engines.trainer import make_context
-    from models.encoders import late_fusion_model
-    from utils.device import channels_last, compile_model
 
     torch.manual_seed(0)
-    model = late_fusion_model(cfg, classes, ("audio", "visual")).to(device)
-    if channels_last(cfg, device):
-        model = model.to(memory_format=torch.channels_last)
-    if cfg.compile:
-        compile_model(model)
-    method = method_from_config(cfg, model.heads, train_size).to(device)
-    method.setup(model)
+    model, method = model_and_method(cfg, classes, ("audio", "visual"), train_size, device)
     return model, method, make_context(cfg, model, method, device)
 
 

@@ -55,14 +55,12 @@ def parse_args(argv=None):
 def build(cfg, method_name, data, device):
     import torch
 
-    from engines.methods import method_from_config
+    from engines.methods import model_and_method
     from engines.trainer import make_context, make_loaders
-    from models.encoders import late_fusion_model
 
     torch.manual_seed(cfg.seed)  # same initial weights for every method
-    model = late_fusion_model(cfg, len(data.class_names), data.modalities).to(device)
-    method = method_from_config(dataclasses.replace(cfg, method=method_name), model.heads, len(data.train)).to(device)
-    method.setup(model)
+    model, method = model_and_method(dataclasses.replace(cfg, method=method_name), len(data.class_names),
+                                     data.modalities, len(data.train), device)
     loaders = make_loaders(cfg, data, device, method.needs_heldout)
     return model, method, make_context(cfg, model, method, device), loaders
 

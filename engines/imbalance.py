@@ -134,11 +134,14 @@ def extract_features(model: nn.Module, batches, device: torch.device) -> dict[st
         for split, (inputs, batch_labels, _) in batches:
             if inputs is None:
                 continue
-            for m in model.modalities:
-                x = inputs[m].to(device)
-                features.setdefault(split, {}).setdefault(m, []).append(model.encoders[m](x).float())
-                if m not in masked:
-                    masked[m] = model.encoders[m](torch.zeros_like(x[:1])).float()[0]
+            x = {m: inputs[m].to(device) for m in model.modalities}
+            # encode(): the features the heads read, all modalities at once (encoders that exchange
+            # through MMTM blocks, Greedy, need each other); per encoder for models without it.
+            encode = getattr(model, "encode", None) or (lambda xs: {m: model.encoders[m](xs[m]) for m in xs})
+            for m, f in encode(x).items():
+                features.setdefault(split, {}).setdefault(m, []).append(f.float())
+            if not masked:  # an all-zero sample's features: what an absent modality looks like
+                masked = {m: f.float()[0] for m, f in encode({m: torch.zeros_like(v[:1]) for m, v in x.items()}).items()}
             labels.setdefault(split, []).append(batch_labels.to(device))
     finally:
         model.train(was_training)
@@ -394,7 +397,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     from config import get_dataset_spec, load_config_dict
     from datasets.builders import build_data
-    from models.encoders import late_fusion_model
+    from engines.methods import model_and_method
     from utils.checkpoint import load_checkpoint
     from utils.device import resolve_device
     from utils.run_logging import write_json
@@ -411,15 +414,17 @@ def main(argv=None) -> None:
     if device.type == "cpu" and cfg.cpu_threads > 0:
         torch.set_num_threads(cfg.cpu_threads)  # as the run trained (AV-Digits: one thread)
     data = build_data(cfg, spec)
-    model = late_fusion_model(cfg, len(data.class_names), data.modalities).to(device)
+    # The run's method shapes the model it trained (Greedy's MMTM blocks, AMCo's output layer)
+    # and how its heads are evaluated (MLA's fused prediction): both as main.py had them.
+    model, method = model_and_method(cfg, len(data.class_names), data.modalities, len(data.train), device)
     results_path = run_dir / "results.json"
     results = json.loads(results_path.read_text()) if results_path.is_file() else {}
     head = results.get("selection_head", "fusion")
-    imbalance = diagnose_run(run_dir, model, data, cfg, device, head)
+    imbalance = diagnose_run(run_dir, model, data, cfg, device, head, predict=method.forward_eval)
     recorded = (payload.get("metrics") or {}).get("test", {}).get(head, {}).get("acc")
     if recorded is not None and abs(recorded - imbalance["intact"]["test"]["acc"]) > 1e-6:
         log.warning("the %s head's test accuracy recomputed here (%.4f) differs from the run's (%.4f): the "
-                    "run's method evaluates it otherwise (MLA's fused prediction) or the data changed; "
+                    "data changed since the run; "
                     "reliance and Shapley describe the model's own heads", head,
                     imbalance["intact"]["test"]["acc"], recorded)
     if results:

@@ -64,3 +64,23 @@ def main(argv=None) -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def model_and_method(cfg, classes: int, modalities: Sequence[str], train_size: int, device):
+    """The late-fusion model and the run's method, as a run trains them: the method's ``setup``
+    first, because it may add parts to the model (Greedy's MMTM blocks, AMCo's output layer)
+    that must then move, take the memory format and be compiled with the rest."""
+    import torch
+
+    from models.encoders import late_fusion_model
+    from utils.device import channels_last, compile_model
+
+    model = late_fusion_model(cfg, classes, modalities)
+    method = method_from_config(cfg, model.heads, train_size)
+    method.setup(model)
+    model, method = model.to(device), method.to(device)
+    if channels_last(cfg, device):  # default: on with CUDA, off on the CPU
+        model = model.to(memory_format=torch.channels_last)
+    if cfg.compile:
+        compile_model(model)
+    return model, method

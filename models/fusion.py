@@ -2,7 +2,9 @@
 
 Heads whose logits are a sum of per-modality terms (``sum``, ``concat``) also expose
 ``modality_logits(features)``: each modality's own share of the fusion logits, which OGM-GE
-scores modalities by (``modality_parts`` returns None for the heads that mix modalities).
+scores modalities by (``modality_parts`` returns None for the heads that mix modalities), and
+``modality_weights(features)``: each modality's block of the classifier weight, which MMCosine
+normalizes (``olmbalance.model_access.modality_weights``).
 """
 from __future__ import annotations
 
@@ -31,6 +33,10 @@ class SumFusion(nn.Module):
         """Each modality's own classifier, bias included (they add up to the fusion logits)."""
         return [fc(f) for fc, f in zip(self.classifiers, features)]
 
+    def modality_weights(self, features: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """Each modality's classifier weight, (classes, D_m); the biases are not part of it."""
+        return [fc.weight for fc in self.classifiers]
+
 
 class ConcatFusion(nn.Module):
     def __init__(self, dims: Sequence[int], num_classes: int):
@@ -46,6 +52,11 @@ class ConcatFusion(nn.Module):
         weights = self.classifier.weight.split([f.shape[1] for f in features], dim=1)
         bias = self.classifier.bias / len(features)
         return [f @ w.t() + bias for f, w in zip(features, weights)]
+
+    def modality_weights(self, features: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """Each modality's block of the weight, (classes, D_m), cut at the features' widths (the
+        bias is shared by all modalities and belongs to none)."""
+        return list(self.classifier.weight.split([f.shape[1] for f in features], dim=1))
 
 
 class FiLMFusion(nn.Module):

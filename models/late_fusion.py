@@ -44,9 +44,20 @@ class LateFusionClassifier(nn.Module):
         # MLA's shared head) set this; off by default so the model holds no graph between steps.
         self.keep_features = False
         self.last_features: dict[str, torch.Tensor] = {}
+        # Multimodal transfer modules between the encoders' stages (models/mmtm.py), attached by
+        # add_mmtm for Greedy only; None keeps the encoders apart (and the state dict as it was).
+        self.mmtm = None
+
+    def encode(self, inputs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Every modality's encoder features (B, D). With MMTM blocks attached (Greedy,
+        models/mmtm.py) the encoders run stage by stage and exchange through them, unless they
+        are identities (engines.imbalance swaps those in to run the heads on given features)."""
+        if self.mmtm is None or all(isinstance(self.encoders[m], nn.Identity) for m in self.modalities):
+            return {m: self.encoders[m](inputs[m]) for m in self.modalities}
+        return self.mmtm(self.encoders, inputs)
 
     def forward(self, inputs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        features = {m: self.encoders[m](inputs[m]) for m in self.modalities}
+        features = self.encode(inputs)
         if self.keep_features:
             self.last_features = features
         logits = {}
@@ -55,3 +66,13 @@ class LateFusionClassifier(nn.Module):
             logits[m] = self.unimodal_heads[m](f)
         logits["fusion"] = self.fusion([features[m] for m in self.modalities])
         return logits
+
+    def add_mmtm(self, count: int = 3, ratio: float = 4) -> nn.Module:
+        """Attach MMTM blocks after each encoder's last ``count`` stages (Greedy's model; the
+        encoders must expose ``stages()``, models/mmtm.py) and return them; ValueError when an
+        encoder cannot take them. Once attached they stay: a second call returns them."""
+        from models.mmtm import MMTMExchange
+
+        if self.mmtm is None:
+            self.mmtm = MMTMExchange.between(self.encoders, self.modalities, count, ratio)
+        return self.mmtm

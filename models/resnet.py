@@ -6,6 +6,7 @@ from torch import nn
 from torchvision.models import resnet18
 
 from models.frames import time_pooled
+from models.mmtm import Stages
 
 FEATURE_DIM = 512
 
@@ -23,6 +24,19 @@ def resnet18_trunk(in_channels: int) -> nn.Module:
     return net
 
 
+def resnet18_stages(net: nn.Module, clips: bool) -> Stages:
+    """``resnet18_trunk`` cut after each residual stage (layer1-4), for the MMTM blocks Greedy
+    places between encoders (models/mmtm.py); the same ops as torchvision's forward."""
+    def stem(x):
+        return net.maxpool(net.relu(net.bn1(net.conv1(x))))
+
+    def pool(x):
+        return net.fc(torch.flatten(net.avgpool(x), 1))
+
+    blocks = (net.layer1, net.layer2, net.layer3, net.layer4)
+    return Stages(stem, blocks, tuple(layer[-1].bn2.num_features for layer in blocks), pool, clips)
+
+
 class AudioEncoder(nn.Module):
     """(B, 1, freq, time) spectrogram -> (B, 512)."""
 
@@ -32,6 +46,9 @@ class AudioEncoder(nn.Module):
 
     def forward(self, spectrogram: torch.Tensor) -> torch.Tensor:
         return self.trunk(spectrogram)
+
+    def stages(self) -> Stages:  # where MMTM blocks may sit (Greedy; models/mmtm.py)
+        return resnet18_stages(self.trunk, clips=False)
 
 
 class VisualEncoder(nn.Module):
@@ -44,3 +61,6 @@ class VisualEncoder(nn.Module):
 
     def forward(self, frames: torch.Tensor) -> torch.Tensor:
         return time_pooled(self.trunk, frames)
+
+    def stages(self) -> Stages:  # where MMTM blocks may sit (Greedy; models/mmtm.py)
+        return resnet18_stages(self.trunk, clips=True)

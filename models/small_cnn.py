@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from models.frames import time_pooled
+from models.mmtm import Stages
 
 SMALL_FEATURE_DIM = 128
 WIDTHS = (32, 64, 128, SMALL_FEATURE_DIM)
@@ -26,6 +27,13 @@ def small_cnn_trunk(in_channels: int, widths=WIDTHS) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
+def small_cnn_stages(trunk: nn.Sequential, clips: bool) -> Stages:
+    """``small_cnn_trunk`` cut after each conv-BN-ReLU block, for the MMTM blocks Greedy places
+    between encoders (models/mmtm.py); the same modules in the same order as its forward."""
+    blocks = tuple(trunk[i:i + 3] for i in range(0, len(trunk) - 2, 3))
+    return Stages(nn.Identity(), blocks, tuple(block[1].num_features for block in blocks), trunk[-2:], clips)
+
+
 class SmallAudioEncoder(nn.Module):
     """(B, 1, freq, time) spectrogram -> (B, 128)."""
 
@@ -35,6 +43,9 @@ class SmallAudioEncoder(nn.Module):
 
     def forward(self, spectrogram: torch.Tensor) -> torch.Tensor:
         return self.trunk(spectrogram)
+
+    def stages(self) -> Stages:  # where MMTM blocks may sit (Greedy; models/mmtm.py)
+        return small_cnn_stages(self.trunk, clips=False)
 
 
 class SmallVisualEncoder(nn.Module):
@@ -47,3 +58,6 @@ class SmallVisualEncoder(nn.Module):
 
     def forward(self, frames: torch.Tensor) -> torch.Tensor:
         return time_pooled(self.trunk, frames)
+
+    def stages(self) -> Stages:  # where MMTM blocks may sit (Greedy; models/mmtm.py)
+        return small_cnn_stages(self.trunk, clips=True)

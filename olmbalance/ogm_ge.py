@@ -32,6 +32,31 @@ def ogm_coefficient(ratio: torch.Tensor, alpha: float) -> torch.Tensor:
     return torch.where(ratio > 1, 1 - torch.tanh(alpha * ratio), torch.ones_like(ratio))
 
 
+def share_logits(net: nn.Module, features: Sequence[torch.Tensor] | None,
+                 modalities: Sequence[str]) -> dict[str, torch.Tensor] | None:
+    """Each modality's share of the fusion logits for ``features`` (float32, no graph: the
+    released ``out_a``/``out_v``), or None where the head mixes modalities and has no shares."""
+    if features is None:
+        return None
+    with torch.no_grad(), torch.autocast(device_type=features[0].device.type, enabled=False):
+        parts = modality_parts(net.fusion, [f.detach().float() for f in features])
+    return None if parts is None else dict(zip(getattr(net, "modalities", modalities), parts))
+
+
+def discrepancy_ratios(logits: Mapping[str, torch.Tensor], labels: torch.Tensor,
+                       modalities: Sequence[str]) -> torch.Tensor:
+    """One ratio per modality (order of ``modalities``), identical on every rank: its score
+    (the batch sum of the true class's softmax probability) over the other's, or over the
+    mean of the others' with more than two modalities."""
+    scores = torch.stack([
+        torch.softmax(logits[m].detach().float(), dim=1).gather(1, labels.view(-1, 1)).sum()
+        for m in modalities])
+    scores = distributed.all_reduce_mean(scores)
+    count = len(modalities)
+    others_mean = (scores.sum() - scores) / (count - 1)
+    return scores / others_mean.clamp(min=torch.finfo(scores.dtype).tiny)
+
+
 def modulated_parameters(encoder: nn.Module):
     """The encoder weights OGM-GE modulates: tensors of two or more dimensions (convolution and
     linear weights; biases and normalization parameters untouched). For the ResNet18 and
@@ -124,22 +149,12 @@ class OGMGE(FusionOnly):
     # -- the modulation -----------------------------------------------------------------
     def score_logits(self, net: nn.Module, logits: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Per modality, the logits its score is computed from (see the class docstring)."""
-        if self.score_source == "fusion" and self._features is not None:
-            with torch.no_grad(), torch.autocast(device_type=self._features[0].device.type, enabled=False):
-                parts = modality_parts(net.fusion, [f.float() for f in self._features])
-            if parts is not None:
-                return dict(zip(getattr(net, "modalities", self.modalities), parts))
-        return {m: logits[m] for m in self.modalities}
+        shares = share_logits(net, self._features, self.modalities) if self.score_source == "fusion" else None
+        return shares if shares is not None else {m: logits[m] for m in self.modalities}
 
     def discrepancy_ratios(self, logits: Mapping[str, torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
         """One ratio per modality (order of ``self.modalities``), identical on every rank."""
-        scores = torch.stack([
-            torch.softmax(logits[m].detach().float(), dim=1).gather(1, labels.view(-1, 1)).sum()
-            for m in self.modalities])
-        scores = distributed.all_reduce_mean(scores)
-        count = len(self.modalities)
-        others_mean = (scores.sum() - scores) / (count - 1)
-        return scores / others_mean.clamp(min=torch.finfo(scores.dtype).tiny)
+        return discrepancy_ratios(logits, labels, self.modalities)
 
     def modulating(self) -> bool:
         """Whether the current step lies in the modulation epochs."""

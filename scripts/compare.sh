@@ -50,7 +50,7 @@ fi
 
 cd "$(dirname "$0")/.."
 PYTHON="${PYTHON:-python}"
-METHODS="${METHODS:-audio_only visual_only joint fusion_only ogm_ge olm olm:--heldout-norm=running olm-whole-epoch=olm:--reference-tail=1 olm_loss_ratio olm_mean g_blending pmr agm mmpareto mla}"
+METHODS="${METHODS:-audio_only visual_only joint fusion_only ogm_ge olm olm:--heldout-norm=running olm-whole-epoch=olm:--reference-tail=1 olm_loss_ratio olm_mean g_blending pmr agm mmpareto mla mmcosine unimodal_teacher mbsd cml lfm reconboost relearning opm greedy amco modality_valuation}"
 ROOT="${COMPARE_ROOT:-runs}/compare-${DATASET}"
 KEEP="${KEEP_CHECKPOINTS:-none}"
 mkdir -p "$ROOT"

@@ -5,6 +5,11 @@ read from its own equivalence-test module so that adding a method never edits th
 
 - ``STEP_SETTINGS``: settings under which the method's per-epoch behaviour (estimates,
   re-initializations, teachers, ...) happens within the tests' two short epochs;
+- ``FP16_BACKOFFS``: how many times the fp16 loss scale may halve while the autocast test's
+  steps find it (0 unless the method's maths amplifies gradients at small feature norms, as
+  cosine logits do: GradScaler then skips those steps, which is what it is for);
+- ``OTHER_SETTING_VALUES``: setting -> values other than the default that the method accepts,
+  for free-text settings (tests/test_method_settings.py cannot invent a path);
 - ``step_model(seed, inputs, classes)``: a model for methods that need more than a plain
   late-fusion model (``inputs`` features per modality, ``classes`` classes), with the same heads.
 
@@ -29,6 +34,10 @@ def equivalence_module(name: str):
 
 def step_settings(name: str) -> dict:
     return dict(getattr(equivalence_module(name), "STEP_SETTINGS", {}))
+
+
+def fp16_backoffs(name: str) -> int:
+    return int(getattr(equivalence_module(name), "FP16_BACKOFFS", 0))
 
 
 def step_model(name: str, default, seed: int = 0, inputs: int = INPUTS, classes: int = CLASSES):

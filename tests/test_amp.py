@@ -19,7 +19,7 @@ from olmbalance import METHODS, build_method, method_entry
 from engines.metrics import HeadMetrics
 from olmbalance.olm import LogitModulator
 from engines.trainer import fp16_scaler, make_context, make_loaders
-from tests.method_steps import RankData, step_model, step_settings
+from tests.method_steps import RankData, fp16_backoffs, step_model, step_settings
 from tests.scaling_fixtures import VectorModel, vector_data
 
 
@@ -136,10 +136,12 @@ def test_every_method_trains_under_autocast_with_loss_scaling(name, dtype):
     before = copy.deepcopy(model.state_dict())
     w_before = [p.detach().clone() for p in method.coefficient_parameters()]
     heldout = itertools.repeat(autocast_batch(99))
-    for step in range(3):
+    backoffs = fp16_backoffs(name) if dtype == torch.float16 else 0
+    for step in range(3 + backoffs):  # a skipped step (scale halved) changes nothing: 3 taken
         metrics = HeadMetrics(method.heads)
         train_step(model, method, autocast_batch(step), heldout, ctx, metrics, DiagnosticMeans())
-    assert ctx.scaler.get_scale() == scale  # no step was skipped for overflow
+    # No step skipped for overflow, but for the back-offs the method's test module allows.
+    assert scale / 2 ** backoffs <= ctx.scaler.get_scale() <= scale
     state = model.state_dict()
     assert all(bool(torch.isfinite(v).all()) for v in state.values() if v.is_floating_point())
     assert any(not torch.equal(before[k], v) for k, v in state.items())

@@ -57,8 +57,10 @@ def other_value(name: str, setting):
         candidates = [default + 1, default + 2, max(default - 1, 0)]
     elif setting.type is float:
         candidates = [default * 0.5, default * 2, default + 0.5, 0.5, 0.25]
-    else:
-        pytest.skip(f"no generic value for a {setting.type.__name__} setting without choices")
+    else:  # free text (paths, lists): the method's own test module names a value it accepts
+        from tests.method_steps import equivalence_module
+
+        candidates = getattr(equivalence_module(name), "OTHER_SETTING_VALUES", {}).get(setting.name, [])
     for value in candidates:
         if value != default and builds(name, {setting.name: value}):
             return value
@@ -107,7 +109,7 @@ class Spy:
 def fingerprint(method) -> dict:
     """What a built method holds: its plain attributes and its state."""
     plain = {k: repr(v) for k, v in vars(method).items()
-             if isinstance(v, (bool, int, float, str, tuple)) and k != "training"}
+             if isinstance(v, (bool, int, float, str, tuple, dict)) and k != "training"}
     state = {k: repr(v.tolist()) if torch.is_tensor(v) else repr(v) for k, v in method.state_dict().items()}
     return {**plain, **state}
 

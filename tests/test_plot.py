@@ -227,12 +227,24 @@ def run_script(tmp_path, *args, methods="joint olm"):
     fake.write_text(FAKE_PYTHON)
     fake.chmod(0o755)
     log = tmp_path / "calls.log"
-    env = {**os.environ, "PYTHON": str(fake), "CALL_LOG": str(log), "METHODS": methods,
-           "COMPARE_ROOT": str(tmp_path / "runs")}
+    env = {**os.environ, "PYTHON": str(fake), "CALL_LOG": str(log), "COMPARE_ROOT": str(tmp_path / "runs")}
+    env.pop("METHODS", None)
+    if methods is not None:  # None: the script's own default list
+        env["METHODS"] = methods
     result = subprocess.run(["bash", str(REPO / "scripts" / "compare.sh"), *args], env=env,
                             capture_output=True, text=True)
     calls = log.read_text().splitlines() if log.exists() else []
     return result, calls
+
+
+def test_compare_script_runs_every_registered_method_by_default(tmp_path):
+    from olmbalance import METHODS, method_entry
+
+    method_entry("olm")  # the registry filled
+    result, calls = run_script(tmp_path, "cpu", "AVDigits", "1", methods=None)
+    assert result.returncode == 0, result.stderr
+    ran = {c.split("--method ")[1].split()[0] for c in calls if c.startswith("main.py")}
+    assert ran == set(METHODS)
 
 
 def test_compare_script_runs_each_method_and_seed_then_resumes(tmp_path):
