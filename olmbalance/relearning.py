@@ -344,7 +344,11 @@ _RELEARNING_AUTHORS = dict(optimizer="sgd", lr=0.002, momentum=0.9, weight_decay
                       "re-initialize after k * reinit_epoch + offset completed epochs (released: 1)"),
               Setting("kmeans_inits", int, 1,
                       "k-means++ seedings per clustering, lowest inertia kept (scikit-learn >= 1.4: 1)")),
-    recipes={"authors": {"*": _RELEARNING_AUTHORS}},
+    # The embedded sets' 10-epoch protocol: BalanceBenchmark's schedule (one re-initialization,
+    # after epoch 16 of its 30) scaled to 10 epochs, so that the method acts at all there.
+    recipes={"authors": {"*": _RELEARNING_AUTHORS},
+             "default": {"AVDigits": dict(relearning_reinit_epoch=5, relearning_reinit_num=1),
+                         "AVDigitsImbalanced": dict(relearning_reinit_epoch=5, relearning_reinit_num=1)}},
     summary="Diagnosing & Re-learning, purity-gap soft re-initialization of encoders (Wei et al., ECCV 2024)")
 def relearning(heads, context, move_lambda, reinit_epoch, reinit_num, reinit_offset, kmeans_inits):
     return Relearning(heads, context, move_lambda=move_lambda, reinit_epoch=reinit_epoch, reinit_num=reinit_num,
