@@ -34,7 +34,7 @@ class Config:
     batch_size: int = 64
     lr: float = 1e-4
     weight_decay: float = 2e-4
-    optimizer: str = "adam"   # network optimizer: adam (released OLM) or sgd (OGM-GE's recipe)
+    optimizer: str = "adam"   # network optimizer: adam (released OLM), sgd (OGM-GE's), adamw (BalanceBenchmark's)
     momentum: float = 0.0     # SGD momentum (--optimizer sgd)
     loss_reduction: str = "sum"  # CE and OLM's norm loss summed over the batch, as released
     coef_lr: float = 1e-3
@@ -120,7 +120,7 @@ HELP = {
     "epochs": "training epochs (full passes over the train split)",
     "batch_size": "training batch in samples, global over all processes",
     "lr": "network learning rate",
-    "optimizer": "network optimizer: adam (released OLM recipe) or sgd (OGM-GE's recipe)",
+    "optimizer": "network optimizer: adam (released OLM recipe), sgd (OGM-GE's recipe) or adamw (BalanceBenchmark's)",
     "momentum": "SGD momentum (--optimizer sgd only)",
     "loss_reduction": "how the trained losses reduce over the batch: sum (released: summed CE, so "
                       "--weight-decay has the released strength) or mean",
@@ -203,7 +203,7 @@ def choices() -> dict[str, tuple[str, ...]]:
             "target_scale": ("reference", "mean"), "amp": ("none", "bf16", "fp16"),
             "selection_metric": ("acc", "f1_weighted"),
             "heldout_norm": ("batch", "running"), "encoder": ("resnet18", "small_cnn"),
-            "keep_checkpoints": KEEP_CHECKPOINTS, "optimizer": ("adam", "sgd"),
+            "keep_checkpoints": KEEP_CHECKPOINTS, "optimizer": ("adam", "adamw", "sgd"),
             "loss_reduction": ("sum", "mean")}
 
 

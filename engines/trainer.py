@@ -19,6 +19,7 @@ from config import Config
 from engines.engines_logits_com import NonFiniteLoss, StepContext, cycle, evaluate, to_device, train_one_epoch
 from engines.epoch_data import LoaderEpochData
 from olmbalance import Method
+from olmbalance.recipes import make_optimizer
 from utils import distributed
 from utils.checkpoint import (INFERENCE_KIND, load_training_checkpoint, remove_stale_temporaries,
                               restore_rng_state, resume_path, rng_state, save_atomic)
@@ -115,14 +116,11 @@ def amp_dtype(cfg: Config, device: torch.device) -> torch.dtype | None:
 
 
 def network_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
-    """Adam (released OLM) or SGD with momentum (OGM-GE's recipe), both with coupled weight decay.
+    """Adam (released OLM), SGD with momentum (OGM-GE's recipe), both with coupled weight decay,
+    or AdamW (BalanceBenchmark's recipe).
     With ``--loss-reduction sum`` the gradient is a sum over the batch, so ``--weight-decay``
     has the strength the released Adam(weight_decay=2e-4) gives it."""
-    if cfg.optimizer == "sgd":
-        return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    if cfg.optimizer == "adam":
-        return torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    raise UserError(f"--optimizer {cfg.optimizer!r} is not one of: adam, sgd")
+    return make_optimizer(model.parameters(), cfg.optimizer, cfg.lr, cfg.momentum, cfg.weight_decay)
 
 
 def fp16_scaler(cfg: Config, device_type: str = "cuda") -> torch.amp.GradScaler:

@@ -60,9 +60,9 @@ The layer ``W*`` belongs to the model (``model_access.add_fusion_output_layer``)
 ``best.pt`` and used at evaluation, so a fresh model built without it cannot load an amco
 checkpoint. The flags, the progress and the generator are saved with the method.
 
-``--recipe authors``: BalanceBenchmark's run (``configs/global_config.yaml``): 30 epochs, batch
-32, StepLR(10, 0.1), learning rate 1e-3, with AdamW (weight decay 0.01, decoupled), which the
-trainer does not offer: Adam without weight decay (as for G-Blending here).
+``--recipe authors``: BalanceBenchmark's run (``configs/global_config.yaml``;
+``olmbalance.recipes.BALANCEBENCHMARK_RUN``): AdamW 1e-3 with weight decay 0.01, StepLR(10,
+0.1), batch 32, 30 epochs.
 """
 from __future__ import annotations
 
@@ -78,6 +78,7 @@ from olmbalance.errors import UserError
 from olmbalance.model_access import (add_fusion_output_layer, fuse, fusion_output_layer, has_modality_shares,
                                      keep_features, modality_parts)
 from olmbalance.modulation_log import ModulationLog
+from olmbalance.recipes import BALANCEBENCHMARK_RUN
 from olmbalance.registry import RunContext, Setting, register_method
 
 AMCO_SIGMA = 0.5
@@ -292,8 +293,7 @@ class AdaptiveMaskCoOptimization(Method):
                       "first epoch (0-based) of masking and co-optimization"),
               Setting("modulation_ends", int, AMCO_MODULATION_EPOCHS[1],
                       "last epoch (0-based, inclusive) of masking and co-optimization")),
-    recipes={"authors": {"*": dict(optimizer="adam", lr=1e-3, weight_decay=0.0, lr_step=10, lr_gamma=0.1,
-                                   loss_reduction="mean", batch_size=32, epochs=30)}},
+    recipes={"authors": {"*": BALANCEBENCHMARK_RUN}},
     summary="AMCo, adaptive mask co-optimization of the dependent modality (Zhou et al., ICASSP 2023)")
 def amco(heads, context, sigma, eps, mask, output_layer, modulation_starts, modulation_ends):
     return AdaptiveMaskCoOptimization(heads, context, sigma=sigma, eps=eps, mask=mask, output_layer=output_layer,

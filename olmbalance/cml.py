@@ -63,9 +63,8 @@ Where this differs from the references, and why:
   checkpointed, so a resumed run draws what an uninterrupted one would. Under DDP every rank
   draws from the same generator for its own samples.
 - The authors' recipe (``--recipe authors``): the authors released no late-fusion run, so it is
-  BalanceBenchmark's shared protocol, as for ``g_blending``: Adam at 1e-3 without weight decay
-  (BalanceBenchmark's AdamW decay of 0.01 is decoupled, which the trainer does not offer),
-  StepLR(10, 0.1), batch 32, 30 epochs, batch-mean CE.
+  BalanceBenchmark's shared protocol (``olmbalance.recipes.BALANCEBENCHMARK_RUN``): AdamW 1e-3
+  with weight decay 0.01, StepLR(10, 0.1), batch 32, 30 epochs, batch-mean CE.
 """
 from __future__ import annotations
 
@@ -79,6 +78,7 @@ from olmbalance import distributed
 from olmbalance.errors import UserError
 from olmbalance.fusion_only import FusionOnly
 from olmbalance.model_access import fuse, keep_features
+from olmbalance.recipes import BALANCEBENCHMARK_RUN
 from olmbalance.registry import RunContext, Setting, register_method
 
 CML_DEFAULT_LAM = 0.1  # configs/trainer_config.yaml CML.lam
@@ -231,8 +231,6 @@ class CalibratingMultimodalLearning(FusionOnly):
 
 
 # No late-fusion run was released by the authors: BalanceBenchmark's shared protocol (see the docstring).
-_CML_AUTHORS = dict(optimizer="adam", lr=1e-3, weight_decay=0.0, lr_step=10, lr_gamma=0.1, loss_reduction="mean",
-                    batch_size=32, epochs=30)
 
 
 @register_method(
@@ -246,7 +244,7 @@ _CML_AUTHORS = dict(optimizer="adam", lr=1e-3, weight_decay=0.0, lr_step=10, lr_
               Setting("order", str, "sample",
                       "modality removal order: per sample and step (authors) or one per epoch (BalanceBenchmark)",
                       choices=ORDERS)),
-    recipes={"authors": {"*": _CML_AUTHORS}},
+    recipes={"authors": {"*": BALANCEBENCHMARK_RUN}},
     summary="CML, calibrating multimodal learning: confidence must not grow when a modality is removed "
             "(Ma et al., ICML 2023)")
 def cml(heads, context, lam, modulation_starts, modulation_ends, penalty, order):

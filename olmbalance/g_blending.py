@@ -57,9 +57,8 @@ Differences from BalanceBenchmark that remain, and why:
   make an estimate cheaper).
 - ``modulation_starts``/``modulation_ends`` of BalanceBenchmark's GBlending config are not
   read by its trainer, so they have no setting here.
-- The authors' recipe (below) uses Adam without weight decay: BalanceBenchmark trains with
-  AdamW (weight decay 0.01, decoupled), which the trainer does not offer; coupled decay of that
-  size would not be the same optimizer.
+- The authors' recipe is BalanceBenchmark's run (``olmbalance.recipes.BALANCEBENCHMARK_RUN``:
+  AdamW 1e-3 with weight decay 0.01, StepLR(10, 0.1), batch 32, 30 epochs).
 
 The weights in force, the losses of the last estimate and the next estimate's epoch are
 buffers: saved in checkpoints, so a resumed run continues identically.
@@ -77,6 +76,7 @@ from torch import nn
 from olmbalance import distributed
 from olmbalance.base import EpochData, Method
 from olmbalance.errors import UserError
+from olmbalance.recipes import BALANCEBENCHMARK_RUN, run_optimizer
 from olmbalance.registry import RunContext, Setting, register_method
 
 log = logging.getLogger(__name__)
@@ -101,16 +101,6 @@ def blending_weights(train_first: torch.Tensor, val_first: torch.Tensor, train_l
     if not float(raw.sum()) > 0:
         return previous.clone()
     return raw / raw.sum()
-
-
-def copy_optimizer(parameters, context: RunContext) -> torch.optim.Optimizer:
-    """A fresh optimizer built like the run's network optimizer (coupled weight decay)."""
-    if context.optimizer == "sgd":
-        return torch.optim.SGD(parameters, lr=context.lr, momentum=context.momentum,
-                               weight_decay=context.weight_decay)
-    if context.optimizer == "adam":
-        return torch.optim.Adam(parameters, lr=context.lr, weight_decay=context.weight_decay)
-    raise UserError(f"G-Blending's copies train with the run's optimizer, adam or sgd; got {context.optimizer!r}")
 
 
 class GradientBlending(Method):
@@ -189,7 +179,7 @@ class GradientBlending(Method):
         zeroed = [m for m in self.modalities if m != head] if self.copy_target == "padded" and head != FUSION else []
         read = FUSION if self.copy_target == "padded" else head
         replica = copy.deepcopy(model)
-        optimizer = copy_optimizer(replica.parameters(), self.context)
+        optimizer = run_optimizer(replica.parameters(), self.context)
         measured = []
         for copy_epoch in range(self.copy_epochs):
             replica.train()
@@ -238,9 +228,6 @@ class GradientBlending(Method):
         return {h: float(w) for h, w in zip(self.heads, self.weights.cpu())}
 
 
-# BalanceBenchmark's run (configs/global_config.yaml, user_default.yaml): AdamW lr 1e-3
-# (weight decay 0.01, decoupled: not offered here, see the docstring), StepLR(10, 0.1),
-# batch 32, 30 epochs, batch-mean CE.
 @register_method(
     "g_blending", prefix="gb",
     settings=(Setting("mode", str, "online", "online: re-estimate every super-epoch; offline: once, before epoch 1",
@@ -254,8 +241,7 @@ class GradientBlending(Method):
               Setting("loss_total", str, "sum",
                       "a pass's loss: sum of batch-mean losses (released) or their mean (paper)",
                       choices=("sum", "mean"))),
-    recipes={"authors": {"*": dict(optimizer="adam", lr=1e-3, weight_decay=0.0, lr_step=10, lr_gamma=0.1,
-                                   loss_reduction="mean", batch_size=32, epochs=30)}},
+    recipes={"authors": {"*": BALANCEBENCHMARK_RUN}},
     summary="G-Blending, gradient blending by overfitting-to-generalization ratio (Wang et al., CVPR 2020)")
 def g_blending(heads, context, mode, super_epoch, copy_epochs, copy_share, copy_target, loss_total):
     return GradientBlending(heads, context, mode=mode, super_epoch=super_epoch, copy_epochs=copy_epochs,

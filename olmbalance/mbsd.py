@@ -42,8 +42,8 @@ Differences from BalanceBenchmark, and why:
 - the unimodal heads of our model are ``fusion_only``'s detached read-outs (they measure the
   encoders and change nothing else); the trained unimodal logits are the fusion layer's shares;
 - the terms are computed in float32 under autocast;
-- the authors' recipe (below) is BalanceBenchmark's run with Adam without weight decay: it
-  trains with AdamW (decoupled weight decay 0.01), which the trainer does not offer.
+- the authors' recipe is BalanceBenchmark's run (``olmbalance.recipes.BALANCEBENCHMARK_RUN``:
+  AdamW 1e-3, weight decay 0.01, StepLR(10, 0.1), batch 32, 30 epochs): no authors' run was found.
 """
 from __future__ import annotations
 
@@ -58,6 +58,7 @@ from olmbalance.distributed import unwrap
 from olmbalance.errors import UserError
 from olmbalance.fusion_only import FusionOnly
 from olmbalance.model_access import keep_features, last_features, modality_parts
+from olmbalance.recipes import BALANCEBENCHMARK_RUN
 from olmbalance.registry import RunContext, Setting, register_method
 
 MBSD_DEFAULT_MODULATION = (0, 80)  # configs/trainer_config.yaml MBSD.modulation_starts / ends
@@ -153,11 +154,6 @@ class ModalityBalancedSelfDistillation(FusionOnly):
         return last
 
 
-# No authors' run was found; BalanceBenchmark's (configs/global_config.yaml, user_default.yaml):
-# AdamW lr 1e-3 (weight decay 0.01, decoupled: not offered here, see the docstring), StepLR(10, 0.1),
-# batch 32, 30 epochs, batch-mean CE.
-_BALANCEMM_RUN = dict(optimizer="adam", lr=1e-3, weight_decay=0.0, lr_step=10, lr_gamma=0.1, loss_reduction="mean",
-                      batch_size=32, epochs=30)
 
 
 @register_method(
@@ -166,7 +162,7 @@ _BALANCEMM_RUN = dict(optimizer="adam", lr=1e-3, weight_decay=0.0, lr_step=10, l
                       "first epoch (0-based) with the unimodal and distillation terms"),
               Setting("modulation_ends", int, MBSD_DEFAULT_MODULATION[1],
                       "last epoch (0-based, inclusive) with the unimodal and distillation terms")),
-    recipes={"authors": {"*": _BALANCEMM_RUN}},
+    recipes={"authors": {"*": BALANCEBENCHMARK_RUN}},
     summary="MBSD, confidence-weighted self-distillation between the unimodal predictions (BalanceBenchmark)")
 def mbsd(heads, context, modulation_starts, modulation_ends):
     return ModalityBalancedSelfDistillation(heads, context, modulation_epochs=(modulation_starts, modulation_ends))

@@ -50,8 +50,8 @@ Differences from BalanceBenchmark, and why:
   (each rank reads its shard; the pass stops when one rank has no batch left) and its
   normalization statistics after every epoch, so every rank holds the same teacher;
 - the MSE is computed in float32 under autocast;
-- the authors' recipe (below) is BalanceBenchmark's run with Adam without weight decay: it
-  trains with AdamW (decoupled weight decay 0.01), which the trainer does not offer.
+- the authors' recipe is BalanceBenchmark's run (``olmbalance.recipes.BALANCEBENCHMARK_RUN``:
+  AdamW 1e-3, weight decay 0.01, StepLR(10, 0.1), batch 32, 30 epochs): no authors' run was found.
 """
 from __future__ import annotations
 
@@ -71,9 +71,9 @@ from olmbalance.base import EpochData
 from olmbalance.distributed import unwrap
 from olmbalance.errors import UserError
 from olmbalance.fusion_only import FusionOnly
-from olmbalance.g_blending import copy_optimizer
 from olmbalance.model_access import keep_features, last_features
 from olmbalance.olm import heldout_forward
+from olmbalance.recipes import BALANCEBENCHMARK_RUN, run_optimizer
 from olmbalance.registry import RunContext, Setting, register_method
 
 log = logging.getLogger(__name__)
@@ -232,7 +232,7 @@ class UnimodalTeacher(FusionOnly):
         parameters = [p for p in itertools.chain(encoder.parameters(), head.parameters())]
         for p in parameters:
             p.requires_grad_(True)
-        optimizer = copy_optimizer(parameters, self.context)
+        optimizer = run_optimizer(parameters, self.context)
         buffers = [b for b in itertools.chain(encoder.buffers(), head.buffers()) if b.is_floating_point()]
         best_accuracy, best_state, best_epoch = -1.0, None, 0
         for epoch in range(1, self.teacher_epochs + 1):
@@ -307,11 +307,6 @@ class UnimodalTeacher(FusionOnly):
         return last
 
 
-# No authors' run was found; BalanceBenchmark's (configs/global_config.yaml, user_default.yaml):
-# AdamW lr 1e-3 (weight decay 0.01, decoupled: not offered here, see the docstring), StepLR(10, 0.1),
-# batch 32, 30 epochs, batch-mean CE.
-_BALANCEMM_RUN = dict(optimizer="adam", lr=1e-3, weight_decay=0.0, lr_step=10, lr_gamma=0.1, loss_reduction="mean",
-                      batch_size=32, epochs=30)
 
 
 @register_method(
@@ -327,7 +322,7 @@ _BALANCEMM_RUN = dict(optimizer="adam", lr=1e-3, weight_decay=0.0, lr_step=10, l
               Setting("modulation_starts", int, UMT_DEFAULT_MODULATION[0], "first epoch (0-based) with the MSE terms"),
               Setting("modulation_ends", int, UMT_DEFAULT_MODULATION[1],
                       "last epoch (0-based, inclusive) with the MSE terms")),
-    recipes={"authors": {"*": _BALANCEMM_RUN}},
+    recipes={"authors": {"*": BALANCEBENCHMARK_RUN}},
     summary="UMT, uni-modal teachers' features distilled into the encoders (Du et al., ICML 2023)")
 def unimodal_teacher(heads, context, scaling, teachers, teacher_epochs, teacher_norm, modulation_starts,
                      modulation_ends):

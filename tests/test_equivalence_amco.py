@@ -244,7 +244,7 @@ def test_refusals_and_recipe():
             build_method("amco", heads, bad)
     recipe = method_entry("amco").recipe("authors", "CREMAD")
     assert (recipe["optimizer"], recipe["lr"], recipe["lr_step"], recipe["batch_size"], recipe["epochs"]) == \
-        ("adam", 1e-3, 10, 32, 30)
+        ("adamw", 1e-3, 10, 32, 30)
     method = build_method("amco", heads)
     assert (method.sigma, method.eps, method.mask, method.output_layer, method.modulation_epochs) == \
         (0.5, 0.3, "features", True, (0, 80))

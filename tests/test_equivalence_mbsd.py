@@ -226,4 +226,4 @@ def test_bad_settings_and_the_recipe():
         build_method("mbsd", ("audio", "fusion"))
     cfg = resolve_config(argparse.Namespace(dataset="CREMAD", method="mbsd", recipe="authors"))
     assert (cfg.optimizer, cfg.lr, cfg.weight_decay, cfg.lr_step, cfg.lr_gamma, cfg.batch_size, cfg.epochs,
-            cfg.loss_reduction) == ("adam", 1e-3, 0.0, 10, 0.1, 32, 30, "mean")
+            cfg.loss_reduction) == ("adamw", 1e-3, 0.01, 10, 0.1, 32, 30, "mean")

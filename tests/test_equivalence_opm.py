@@ -249,6 +249,6 @@ def test_refusals_and_recipe():
         build_method("opm", ("audio", "fusion"))
     recipe = method_entry("opm").recipe("authors", "KineticSound")
     assert (recipe["optimizer"], recipe["lr"], recipe["lr_step"], recipe["batch_size"], recipe["epochs"]) == \
-        ("adam", 5e-5, 40, 32, 100)
+        ("adamw", 5e-5, 40, 32, 100)
     method = build_method("opm", heads)
     assert (method.alpha, method.p_exe, method.q_base, method.warmup_epochs) == (0.5, 0.7, 0.5, 6)

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from config import resolve_config
+from config import Config, resolve_config
 from engines.engines_logits_com import DiagnosticMeans, train_step
 from engines.methods import method_from_config
 from engines.metrics import HeadMetrics
@@ -153,3 +153,22 @@ def test_training_loss_is_logged_raw_with_the_modulated_one_beside_it():
         assert logged[head]["loss"] == pytest.approx(F.cross_entropy(logits[head], labels).item(), rel=1e-5)
         assert logged[head]["loss_modulated"] == pytest.approx(
             F.cross_entropy(w * logits[head], labels).item(), rel=1e-5)
+
+
+def test_adamw_is_balancebenchmarks_optimizer_with_decoupled_decay():
+    from engines.trainer import network_optimizer
+    from olmbalance import method_entry
+    from olmbalance.recipes import BALANCEBENCHMARK_RUN
+
+    model = torch.nn.Linear(3, 2)
+    optimizer = network_optimizer(Config(optimizer="adamw", lr=1e-3, weight_decay=0.01), model)
+    assert type(optimizer) is torch.optim.AdamW and optimizer.defaults["weight_decay"] == 0.01
+    # Decoupled: with a zero gradient AdamW still shrinks the weights by lr * wd; Adam's coupled
+    # decay goes through the normalized update instead (a step of lr, not lr * wd).
+    before = model.weight.detach().clone()
+    model.weight.grad, model.bias.grad = torch.zeros_like(model.weight), torch.zeros_like(model.bias)
+    optimizer.step()
+    assert torch.allclose(model.weight, before * (1 - 1e-3 * 0.01))
+    for name in ("g_blending", "amco", "cml", "mbsd", "unimodal_teacher"):  # BalanceBenchmark's run
+        assert method_entry(name).recipe("authors", "CREMAD") == BALANCEBENCHMARK_RUN, name
+    assert BALANCEBENCHMARK_RUN["optimizer"] == "adamw" and BALANCEBENCHMARK_RUN["weight_decay"] == 0.01
