@@ -70,20 +70,30 @@ def quartiles(values) -> tuple[float, float, float]:
     return q1, median, q3
 
 
-def render(cfg, device, threads, names, baseline, times, ratios, steps) -> str:
+def render(cfg, device, threads, names, baseline, times, ratios, steps, epoch_work, epoch_steps) -> str:
     rounds = len(times[names[-1]])
     lines = [f"{rounds} rounds; in each, every method trains a block of {steps} steps next to a block of "
              f"{baseline} (alternating order). {cfg.dataset} defaults: encoder {cfg.encoder}, batch {cfg.batch_size}, "
              f"held-out batch {cfg.heldout_batch_size} every {cfg.heldout_every} step(s) "
              f"({cfg.heldout_norm} statistics); device {device}, torch threads {threads}. "
              f"'over {baseline}' is the median over rounds of the ratio between the two adjacent "
-             "blocks (interquartile range in brackets).", "",
-             f"| method | median step (ms) | over {baseline} |", "|---|---|---|"]
-    lines.append(f"| {baseline} | {statistics.median(times[baseline]) * 1000:.1f} | 1 |")
+             "blocks (interquartile range in brackets). 'epoch 1 work' is the time of the method's "
+             "start_epoch(1) (teachers, prototypes, copies, valuations: work on train/val data besides "
+             f"the steps; some methods repeat it every epoch or super-epoch, see their docstrings), "
+             f"and beside it as a share of one epoch of {baseline} steps ({epoch_steps} steps at its "
+             "median step time; data loading not counted).", "",
+             f"| method | median step (ms) | over {baseline} | epoch 1 work (s) | epoch 1 work / {baseline} epoch |",
+             "|---|---|---|---|---|"]
+    epoch = statistics.median(times[baseline]) * epoch_steps
+
+    def work(name):
+        return f"{epoch_work[name]:.2f} | {epoch_work[name] / epoch:.2f}"
+
+    lines.append(f"| {baseline} | {statistics.median(times[baseline]) * 1000:.1f} | 1 | {work(baseline)} |")
     for name in names[1:]:
         q1, median, q3 = quartiles(ratios[name])
         lines.append(f"| {name} | {statistics.median(times[name]) * 1000:.1f} | "
-                     f"{median:.3f} [{q1:.3f}, {q3:.3f}] |")
+                     f"{median:.3f} [{q1:.3f}, {q3:.3f}] | {work(name)} |")
     return "\n".join(lines) + "\n"
 
 
@@ -92,7 +102,8 @@ def main(argv=None) -> None:
 
     from config import build_parser, get_dataset_spec, resolve_config
     from datasets.builders import build_data
-    from engines.engines_logits_com import DiagnosticMeans, cycle, train_step
+    from engines.engines_logits_com import DiagnosticMeans, cycle, to_device, train_step
+    from engines.epoch_data import LoaderEpochData
     from engines.metrics import HeadMetrics
     from utils.device import resolve_device
 
@@ -126,6 +137,17 @@ def main(argv=None) -> None:
         if device.type == "cuda":
             torch.cuda.synchronize()
 
+    # Epoch 1's work before its steps (teachers, prototypes, copies, valuations), timed once:
+    # what a method costs besides its steps.
+    epoch_work = {}
+    for name in names:
+        model, method, ctx, loaders = runs[name]
+        began = time.perf_counter()
+        method.start_epoch(1, model, LoaderEpochData(loaders.train, loaders.val, device, cfg.seed, 1,
+                                                     lambda inputs: to_device(inputs, ctx)))
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        epoch_work[name] = time.perf_counter() - began
     for name in names:
         method = runs[name][1]
         reference = getattr(getattr(method, "modulator", None), "reference_steps", 0)
@@ -144,7 +166,9 @@ def main(argv=None) -> None:
     for name in names:
         print(f"{name:14s} median step {statistics.median(times[name]) * 1000:8.1f} ms  (rounds: "
               + ", ".join(f"{t * 1000:.0f}" for t in times[name]) + ")")
-    body = render(cfg, device, torch.get_num_threads(), names, args.baseline, times, ratios, steps_per_block)
+    epoch_steps = len(runs[args.baseline][3].train)
+    body = render(cfg, device, torch.get_num_threads(), names, args.baseline, times, ratios, steps_per_block,
+                  epoch_work, epoch_steps)
     print(body)
     if args.report:
         from utils.provenance import write_report

@@ -8,6 +8,7 @@ The loop gives ``end_epoch`` training and validation metrics only, never test me
 """
 from __future__ import annotations
 
+from types import MappingProxyType
 from typing import Callable, Mapping, Sequence
 
 import torch
@@ -109,6 +110,25 @@ class Method(nn.Module):
     def diagnostics(self) -> dict[str, torch.Tensor]:
         """Per-step tensors (one value per head, or a scalar) averaged by the loop per epoch."""
         return {}
+
+
+class AddedLossTerms:
+    """Mixin (listed before the method's base class) for a method whose ``forward_train``
+    computes loss terms of its own: it sets ``self.extra_loss`` there and ``network_loss`` adds
+    it to the heads' losses once (the next step computes its own); ``self.last`` holds the
+    step's diagnostics until the loop reads them."""
+
+    extra_loss: torch.Tensor | float = 0.0
+    last: Mapping[str, torch.Tensor] = MappingProxyType({})
+
+    def network_loss(self, losses: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        loss = super().network_loss(losses) + self.extra_loss
+        self.extra_loss = 0.0
+        return loss
+
+    def diagnostics(self) -> dict[str, torch.Tensor]:
+        last, self.last = self.last, {}
+        return dict(last)
 
 
 @register_method("joint", summary="sum of every head's cross-entropy; the reference OLM is measured against")

@@ -56,6 +56,7 @@ from torch import nn
 
 from olmbalance.distributed import unwrap
 from olmbalance.errors import UserError
+from olmbalance.base import AddedLossTerms
 from olmbalance.fusion_only import FusionOnly
 from olmbalance.model_access import keep_features, last_features, modality_parts
 from olmbalance.recipes import BALANCEBENCHMARK_RUN
@@ -87,7 +88,7 @@ def distillation_terms(logits: Mapping[str, torch.Tensor], labels: torch.Tensor)
     return {"rs": rs_total / count, "kl": kl_total / count, "weight": weight_total / count}
 
 
-class ModalityBalancedSelfDistillation(FusionOnly):
+class ModalityBalancedSelfDistillation(AddedLossTerms, FusionOnly):
     """MBSD as BalanceBenchmark runs it (see the module docstring)."""
 
     name = "mbsd"
@@ -104,7 +105,6 @@ class ModalityBalancedSelfDistillation(FusionOnly):
                             "(--mbsd-modulation-starts, --mbsd-modulation-ends)")
         self.modulation_epochs = (start, end)
         self.epoch = 1  # the epoch being trained (1-based), set by start_epoch
-        self.extra_loss: torch.Tensor | float = 0.0
         self.last: dict[str, torch.Tensor] = {}
 
     def setup(self, model: nn.Module) -> None:
@@ -144,14 +144,6 @@ class ModalityBalancedSelfDistillation(FusionOnly):
         self.last = {f"mbsd_{k}": v.detach() for k, v in terms.items()}
         return logits
 
-    def network_loss(self, losses: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        loss = super().network_loss(losses) + self.extra_loss
-        self.extra_loss = 0.0  # used once: the next step computes its own
-        return loss
-
-    def diagnostics(self) -> dict[str, torch.Tensor]:
-        last, self.last = self.last, {}
-        return last
 
 
 

@@ -58,6 +58,7 @@ from torch import nn
 
 from olmbalance.distributed import unwrap
 from olmbalance.errors import UserError
+from olmbalance.base import AddedLossTerms
 from olmbalance.fusion_only import FusionOnly
 from olmbalance.model_access import keep_features, last_features, modality_weights
 from olmbalance.registry import RunContext, Setting, register_method
@@ -71,7 +72,7 @@ def cosine_logits(features: Sequence[torch.Tensor], weights: Sequence[torch.Tens
     return [torch.mm(F.normalize(f, dim=1), F.normalize(w.t(), dim=0)) * scaling for f, w in zip(features, weights)]
 
 
-class MultiModalCosine(FusionOnly):
+class MultiModalCosine(AddedLossTerms, FusionOnly):
     """MMCosine as released (see the module docstring); the settings are the registration's."""
 
     name = "mmcosine"
@@ -127,9 +128,6 @@ class MultiModalCosine(FusionOnly):
             logits["fusion"] = sum(parts.values())
         return logits
 
-    def diagnostics(self) -> dict[str, torch.Tensor]:
-        last, self.last = self.last, {}
-        return last
 
 
 # The authors' main_CD.py defaults: SGD lr 1e-3, momentum 0.9, weight decay 1e-4, StepLR(100, 0.1),

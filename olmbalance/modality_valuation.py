@@ -128,6 +128,7 @@ from torch import nn
 
 from olmbalance import distributed
 from olmbalance.errors import UserError
+from olmbalance.base import AddedLossTerms
 from olmbalance.fusion_only import FusionOnly
 from olmbalance.model_access import fuse, keep_features, last_features
 from olmbalance.olm import float32_region, heldout_forward
@@ -219,7 +220,7 @@ def _rank() -> int:
     return torch.distributed.get_rank() if distributed.is_distributed() else 0
 
 
-class ModalityValuation(FusionOnly):
+class ModalityValuation(AddedLossTerms, FusionOnly):
     """Valuate-and-Enhance (see the module docstring); the settings are the registration's."""
 
     name = "modality_valuation"
@@ -247,7 +248,6 @@ class ModalityValuation(FusionOnly):
         self.mean_contribution = [0.0] * len(self.modalities)
         self.difference = 0.0
         self.weak = -1
-        self.extra_loss: torch.Tensor | float = 0.0
         self.last: dict[str, torch.Tensor] = {}
 
     def setup(self, model: nn.Module) -> None:
@@ -323,11 +323,6 @@ class ModalityValuation(FusionOnly):
         copies[:, self.weak] = counts
         return copies.to(labels.device, non_blocking=True), None
 
-    def network_loss(self, losses: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        loss = super().network_loss(losses) + self.extra_loss
-        self.extra_loss = 0.0  # used once: the next step makes its own
-        return loss
-
     # -- what gets logged and checkpointed --------------------------------------------------
     def record(self, copies: torch.Tensor, phi: torch.Tensor | None) -> None:
         """Per head (fusion: 0): the copies per row, and the contributions that decided them
@@ -340,9 +335,6 @@ class ModalityValuation(FusionOnly):
             per_head = torch.zeros(len(self.heads), dtype=torch.float32, device=copies.device)
             self.last[key] = per_head.index_copy(0, index, values.float())
 
-    def diagnostics(self) -> dict[str, torch.Tensor]:
-        last, self.last = self.last, {}
-        return last
 
     def get_extra_state(self):
         return {"epoch": self.epoch, "step": self.step, "mean_contribution": list(self.mean_contribution),

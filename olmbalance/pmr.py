@@ -74,6 +74,7 @@ from torch import nn
 
 from olmbalance import distributed
 from olmbalance.errors import UserError
+from olmbalance.base import AddedLossTerms
 from olmbalance.fusion_only import FusionOnly
 from olmbalance.model_access import keep_features, last_features
 from olmbalance.registry import RunContext, Setting, register_method
@@ -126,7 +127,7 @@ def class_means(sums: torch.Tensor, counts: torch.Tensor, previous: torch.Tensor
     return torch.where(seen, means, fallback)
 
 
-class PrototypicalModalRebalance(FusionOnly):
+class PrototypicalModalRebalance(AddedLossTerms, FusionOnly):
     """PMR as released (see the module docstring); the settings are the registration's."""
 
     name = "pmr"
@@ -159,7 +160,6 @@ class PrototypicalModalRebalance(FusionOnly):
         self.entropy_weight, self.entropy_epochs = float(entropy_weight), int(entropy_epochs)
         self.prototypes: dict[str, torch.Tensor] = {}
         self.epoch = 0  # the epoch being trained (1-based), set by start_epoch
-        self.extra_loss: torch.Tensor | float = 0.0
         self.last: dict[str, torch.Tensor] = {}
 
     def setup(self, model: nn.Module) -> None:
@@ -210,11 +210,6 @@ class PrototypicalModalRebalance(FusionOnly):
             self.extra_loss = self.rebalance_loss({m: features[m] for m in self.modalities}, labels)
         return logits
 
-    def network_loss(self, losses: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        loss = super().network_loss(losses) + self.extra_loss
-        self.extra_loss = 0.0  # used once: the next step computes its own
-        return loss
-
     def rebalance_loss(self, features: Mapping[str, torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
         """alpha-weighted prototypical CE (and the optional entropy term) of one batch."""
         sims = {m: -prototype_distances(features[m].float(), self.prototypes[m].to(features[m].device))
@@ -246,9 +241,6 @@ class PrototypicalModalRebalance(FusionOnly):
                 per_head[self.heads.index(m)] = float(values[i])
             self.last[key] = per_head
 
-    def diagnostics(self) -> dict[str, torch.Tensor]:
-        last, self.last = self.last, {}
-        return last
 
     def get_extra_state(self):
         return {"prototypes": {m: p.cpu() for m, p in self.prototypes.items()}, "epoch": self.epoch}

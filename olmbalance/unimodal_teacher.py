@@ -60,14 +60,14 @@ import itertools
 import logging
 import math
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from olmbalance import distributed
-from olmbalance.base import EpochData
+from olmbalance.base import AddedLossTerms, EpochData
 from olmbalance.distributed import unwrap
 from olmbalance.errors import UserError
 from olmbalance.fusion_only import FusionOnly
@@ -115,7 +115,7 @@ def synchronized(batches):
         yield item
 
 
-class UnimodalTeacher(FusionOnly):
+class UnimodalTeacher(AddedLossTerms, FusionOnly):
     """UMT as BalanceBenchmark runs it, with teachers loaded or trained in the run (module docstring)."""
 
     name = "unimodal_teacher"
@@ -151,7 +151,6 @@ class UnimodalTeacher(FusionOnly):
         self.register_buffer("teacher_epoch", torch.zeros(count, dtype=torch.long))  # the epoch kept (0: loaded)
         self.epoch = 1  # the epoch being trained (1-based), set by start_epoch
         self._ready: list[bool] | None = None  # host copy of teacher_ready (no device read per step)
-        self.extra_loss: torch.Tensor | float = 0.0
         self.last: dict[str, torch.Tensor] = {}
 
     # -- the teachers -----------------------------------------------------------------------------
@@ -297,14 +296,6 @@ class UnimodalTeacher(FusionOnly):
                                              for h in self.heads])}
         return logits
 
-    def network_loss(self, losses: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        loss = super().network_loss(losses) + self.extra_loss
-        self.extra_loss = 0.0  # used once: the next step computes its own
-        return loss
-
-    def diagnostics(self) -> dict[str, torch.Tensor]:
-        last, self.last = self.last, {}
-        return last
 
 
 
