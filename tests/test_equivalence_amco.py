@@ -24,11 +24,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from engines.engines_logits_com import DiagnosticMeans, StepContext, train_step
-from engines.metrics import HeadMetrics
 from olmbalance import build_method, method_entry
 from olmbalance.amco import mask_ratio
 from olmbalance.errors import UserError
+from tests.equivalence_fixtures import modulation_per_step
 from tests.tiny import tiny_late_fusion
 
 CLASSES, FEATURES, INPUTS, BATCH = 4, 8, 6, 12
@@ -128,16 +127,7 @@ def balancemm_steps(net, mask_kind, epochs=EPOCHS, sigma=SIGMA, eps=EPS):
 # -- ours -----------------------------------------------------------------------------------------
 def our_steps(net, method, epochs=EPOCHS, data=None, first_epoch=1, optimizer=None):
     optimizer = optimizer or torch.optim.SGD(net.parameters(), lr=LR, momentum=0.9, weight_decay=1e-4)
-    ctx = StepContext(device=torch.device("cpu"), network_optimizer=optimizer, progress=False)
-    data, record = data or batches(), []
-    for epoch in range(first_epoch, first_epoch + epochs):
-        method.start_epoch(epoch, net, None)
-        net.train()
-        for _ in range(STEPS):
-            diagnostics = DiagnosticMeans()
-            train_step(net, method, (*next(data), 0), None, ctx, HeadMetrics(method.heads), diagnostics)
-            record.append(diagnostics.means(method.heads)["modulation"])
-    return optimizer, record
+    return optimizer, modulation_per_step(net, method, optimizer, data or batches(), epochs, STEPS, first_epoch)
 
 
 def assert_same_parameters(ours, released):

@@ -14,42 +14,29 @@ modalities, that the gradient flows through the weights, the read-outs, the refu
 """
 from __future__ import annotations
 
-import argparse
-
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from config import Config
-from engines.engines_logits_com import DiagnosticMeans, StepContext, train_step
-from engines.metrics import HeadMetrics
 from engines.trainer import fit, make_loaders
 from olmbalance import build_method
 from olmbalance.mbsd import distillation_terms
+from tests.equivalence_fixtures import (CPU, FEATURES, NOT_RELEASED, assert_refused, batch, bn_late_fusion,
+                                        one_step, ready_method, released_epochs, released_parameters,
+                                        resolved_config, sgd_run_config)
 from tests.scaling_fixtures import vector_data
-from tests.tiny import tiny_late_fusion
 from utils.errors import UserError
 
-CPU = torch.device("cpu")
-CLASSES, FEATURES, BATCH, LR = 3, 8, 16, 0.05
-NOT_RELEASED = "unimodal_heads."  # fusion_only's detached read-outs: not part of the released model
-
-
-def bn_model(fusion="concat", seed=0):
-    return tiny_late_fusion(fusion, CLASSES, FEATURES, seed, inputs=4, batch_norm=True)
+BATCH, LR = 16, 0.05
 
 
 def run_config(epochs):
-    return Config(method="mbsd", epochs=epochs, batch_size=BATCH, lr=LR, optimizer="sgd", momentum=0.9,
-                  weight_decay=1e-4, loss_reduction="mean", progress=False, plots=False, device="cpu", seed=0)
+    return sgd_run_config("mbsd", epochs, BATCH, LR)
 
 
 def ready(fusion="concat", **settings):
-    model = bn_model(fusion)
-    method = build_method("mbsd", model.heads, settings)
-    method.setup(model)
-    return model, method
+    return ready_method("mbsd", bn_late_fusion(fusion=fusion), settings)
 
 
 # -- BalanceBenchmark's training step, re-stated ------------------------------------------------------
@@ -88,21 +75,12 @@ def data():
 
 
 def released_run(epochs, window):
-    cfg = run_config(epochs)
-    loaders = make_loaders(cfg, data(), CPU, False)
-    model = bn_model()
-    optimizer = torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9, weight_decay=1e-4)
-    for epoch in range(epochs):
-        model.train()
-        for inputs, labels, _ in loaders.train:
-            optimizer.zero_grad()
-            released_loss(model, inputs, labels, window[0] <= epoch <= window[1]).backward()
-            optimizer.step()
-    return model
+    loaders = make_loaders(run_config(epochs), data(), CPU, False)
 
+    def loss(model, inputs, labels, epoch):
+        return released_loss(model, inputs, labels, window[0] <= epoch <= window[1])
 
-def released_parameters(model):
-    return {k: v for k, v in model.state_dict().items() if not k.startswith(NOT_RELEASED)}
+    return released_epochs(bn_late_fusion(), loaders.train, epochs, LR, loss)
 
 
 @pytest.mark.parametrize("settings, window", [
@@ -166,24 +144,10 @@ def test_the_gradient_flows_through_the_sample_weights():
     assert not torch.allclose(grads[0], grads[1])  # ...another gradient
 
 
-def one_step(model, method, inputs, labels):
-    model.train()
-    ctx = StepContext(device=CPU, network_optimizer=torch.optim.SGD(model.parameters(), lr=0.0), progress=False)
-    diagnostics = DiagnosticMeans()
-    train_step(model, method, (inputs, labels, 0), None, ctx, HeadMetrics(method.heads), diagnostics)
-    return diagnostics.means(method.heads)
-
-
-def batch(seed, size=12):
-    generator = torch.Generator().manual_seed(seed)
-    inputs = {m: torch.randn(size, 4, generator=generator) for m in ("audio", "visual")}
-    return inputs, torch.arange(size) % CLASSES
-
-
 def test_the_step_trains_the_fusion_shares_and_the_readouts_stay_detached():
     model, method = ready()
-    twin = bn_model()
-    inputs, labels = batch(2)
+    twin = bn_late_fusion()
+    inputs, labels = batch(2, size=12)
     diagnostics = one_step(model, method, inputs, labels)
     assert set(diagnostics) == {"mbsd_rs", "mbsd_kl", "mbsd_weight"}
     twin.train()
@@ -197,12 +161,12 @@ def test_the_window_counts_epochs_from_zero():
     model, method = ready(modulation_starts=1, modulation_ends=2)
     for epoch, active in ((1, False), (2, True), (3, True), (4, False)):
         method.start_epoch(epoch, model, None)
-        assert bool(one_step(model, method, *batch(epoch))) == active, epoch
+        assert bool(one_step(model, method, *batch(epoch, size=12))) == active, epoch
 
 
 def test_sum_head_shares_are_each_modality_classifier():
     model, method = ready("sum")
-    inputs, labels = batch(3)
+    inputs, labels = batch(3, size=12)
     model.train()
     method.forward_train(model, inputs, labels)
     features = {m: model.encoders[m](inputs[m]) for m in ("audio", "visual")}
@@ -212,18 +176,14 @@ def test_sum_head_shares_are_each_modality_classifier():
 
 @pytest.mark.parametrize("fusion", ["bilinear", "film"])
 def test_heads_without_modality_shares_are_refused_in_one_sentence(fusion):
-    model = bn_model(fusion)
+    model = bn_late_fusion(fusion=fusion)
     with pytest.raises(UserError, match="--method mbsd.*--fusion concat or sum"):
         build_method("mbsd", model.heads).setup(model)
 
 
 def test_bad_settings_and_the_recipe():
-    from config import resolve_config
-
-    with pytest.raises(UserError, match="5..2"):
-        build_method("mbsd", ("audio", "visual", "fusion"), modulation_starts=5, modulation_ends=2)
-    with pytest.raises(UserError, match="two modality heads"):
-        build_method("mbsd", ("audio", "fusion"))
-    cfg = resolve_config(argparse.Namespace(dataset="CREMAD", method="mbsd", recipe="authors"))
+    assert_refused("mbsd", None, "5..2", modulation_starts=5, modulation_ends=2)
+    assert_refused("mbsd", None, "two modality heads", heads=("audio", "fusion"))
+    cfg = resolved_config("CREMAD", "mbsd", recipe="authors")
     assert (cfg.optimizer, cfg.lr, cfg.weight_decay, cfg.lr_step, cfg.lr_gamma, cfg.batch_size, cfg.epochs,
             cfg.loss_reduction) == ("adamw", 1e-3, 0.01, 10, 0.1, 32, 30, "mean")

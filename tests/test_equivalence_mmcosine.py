@@ -15,25 +15,20 @@ blocks of the ``sum`` head, that the bias gets no gradient, the read-outs, the r
 """
 from __future__ import annotations
 
-import argparse
-
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from config import Config
-from engines.engines_logits_com import DiagnosticMeans, StepContext, train_step
-from engines.metrics import HeadMetrics
 from engines.trainer import fit, make_loaders
 from olmbalance import build_method
+from tests.equivalence_fixtures import (CPU, FEATURES, NOT_RELEASED, assert_refused, batch, bn_late_fusion,
+                                        one_step, ready_method, released_epochs, released_parameters,
+                                        resolved_config, sgd_run_config)
 from tests.scaling_fixtures import vector_data
-from tests.tiny import tiny_late_fusion
 from utils.errors import UserError
 
-CPU = torch.device("cpu")
-CLASSES, FEATURES, BATCH, LR = 3, 8, 16, 0.05
-NOT_RELEASED = "unimodal_heads."  # fusion_only's detached read-outs: not part of the released model
+BATCH, LR = 16, 0.05
 
 # tests/method_steps.py: at the autocast test's small feature norms (about 0.7) the cosine
 # logits' gradient, scaled by s/||f||, overflows fp16 at the initial loss scale 4096 in the
@@ -41,20 +36,12 @@ NOT_RELEASED = "unimodal_heads."  # fusion_only's detached read-outs: not part o
 FP16_BACKOFFS = 2
 
 
-def bn_model(fusion="concat", seed=0):
-    return tiny_late_fusion(fusion, CLASSES, FEATURES, seed, inputs=4, batch_norm=True)
-
-
 def run_config(epochs):
-    return Config(method="mmcosine", epochs=epochs, batch_size=BATCH, lr=LR, optimizer="sgd", momentum=0.9,
-                  weight_decay=1e-4, loss_reduction="mean", progress=False, plots=False, device="cpu", seed=0)
+    return sgd_run_config("mmcosine", epochs, BATCH, LR)
 
 
 def ready(fusion="concat", **settings):
-    model = bn_model(fusion)
-    method = build_method("mmcosine", model.heads, settings)
-    method.setup(model)
-    return model, method
+    return ready_method("mmcosine", bn_late_fusion(fusion=fusion), settings)
 
 
 # -- the released training, re-stated ---------------------------------------------------------------
@@ -69,22 +56,13 @@ def released_logits(model, inputs, scaling):
 
 
 def released_run(epochs, scaling):
-    cfg = run_config(epochs)
-    loaders = make_loaders(cfg, vector_data(), CPU, False)
-    model = bn_model()
-    optimizer = torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9, weight_decay=1e-4)
-    for _ in range(epochs):
-        model.train()
-        for inputs, labels, _ in loaders.train:
-            optimizer.zero_grad()
-            _, _, out = released_logits(model, inputs, scaling)
-            nn.CrossEntropyLoss()(out, labels).backward()
-            optimizer.step()
-    return model
+    loaders = make_loaders(run_config(epochs), vector_data(), CPU, False)
 
+    def loss(model, inputs, labels, _):
+        _, _, out = released_logits(model, inputs, scaling)
+        return nn.CrossEntropyLoss()(out, labels)
 
-def released_parameters(model):
-    return {k: v for k, v in model.state_dict().items() if not k.startswith(NOT_RELEASED)}
+    return released_epochs(bn_late_fusion(), loaders.train, epochs, LR, loss)
 
 
 @pytest.mark.parametrize("settings, scaling", [({}, 10.0), ({"scaling": 15.0}, 15.0)])
@@ -98,17 +76,11 @@ def test_two_epochs_of_our_trainer_equal_the_released_training(tmp_path, setting
     assert torch.equal(model.fusion.classifier.bias, start_bias)  # never read, never moved
 
 
-def batch(seed, size=12):
-    generator = torch.Generator().manual_seed(seed)
-    inputs = {m: torch.randn(size, 4, generator=generator) for m in ("audio", "visual")}
-    return inputs, torch.arange(size) % CLASSES
-
-
 @pytest.mark.parametrize("eval_logits", ["cosine", "linear"])
 def test_evaluation_scores_the_released_logits(eval_logits):
     model, method = ready(eval_logits=eval_logits)
     model.eval()
-    inputs, _ = batch(3)
+    inputs, _ = batch(3, size=12)
     with torch.no_grad():
         ours = method.forward_eval(model, inputs)
         _, _, cosine = released_logits(model, inputs, 10.0)
@@ -117,20 +89,12 @@ def test_evaluation_scores_the_released_logits(eval_logits):
     assert not torch.allclose(cosine, plain)  # the two choices differ
 
 
-def one_step(model, method, inputs, labels):
-    model.train()
-    ctx = StepContext(device=CPU, network_optimizer=torch.optim.SGD(model.parameters(), lr=0.0), progress=False)
-    diagnostics = DiagnosticMeans()
-    train_step(model, method, (inputs, labels, 0), None, ctx, HeadMetrics(method.heads), diagnostics)
-    return diagnostics.means(method.heads)
-
-
 def test_the_step_trains_the_cosine_logits_with_the_released_gradients():
     """The encoders and the fusion weight get the gradient of CE(out_a + out_v); the bias none;
     the read-outs train only themselves; the logged true-class logits are the released ones."""
     model, method = ready()
-    twin = bn_model()
-    inputs, labels = batch(5)
+    twin = bn_late_fusion()
+    inputs, labels = batch(5, size=12)
     diagnostics = one_step(model, method, inputs, labels)
     twin.train()
     out_a, out_v, out = released_logits(twin, inputs, 10.0)
@@ -149,7 +113,7 @@ def test_the_step_trains_the_cosine_logits_with_the_released_gradients():
 def test_sum_head_normalizes_each_modality_classifier_and_features_scale_out():
     model, method = ready("sum")
     model.eval()
-    inputs, _ = batch(4)
+    inputs, _ = batch(4, size=12)
     with torch.no_grad():
         ours = method.forward_eval(model, inputs)["fusion"]
         expected = sum(10.0 * F.normalize(model.encoders[m](inputs[m]), dim=1)
@@ -163,7 +127,7 @@ def test_sum_head_normalizes_each_modality_classifier_and_features_scale_out():
 
 @pytest.mark.parametrize("fusion", ["bilinear", "film", "gated"])
 def test_heads_without_weight_blocks_are_refused_in_one_sentence(fusion):
-    model = bn_model(fusion)
+    model = bn_late_fusion(fusion=fusion)
     method = build_method("mmcosine", model.heads)
     with pytest.raises(UserError, match="--method mmcosine.*--fusion concat or sum"):
         method.setup(model)
@@ -173,15 +137,11 @@ def test_heads_without_weight_blocks_are_refused_in_one_sentence(fusion):
     ({"scaling": 0.0}, "--mmcosine-scaling"), ({"scaling": float("inf")}, "--mmcosine-scaling"),
     ({"eval_logits": "raw"}, "--mmcosine-eval-logits")])
 def test_bad_settings_are_one_sentence(settings, fragment):
-    with pytest.raises(UserError, match=fragment):
-        build_method("mmcosine", ("audio", "visual", "fusion"), settings)
-    with pytest.raises(UserError, match="two modality heads"):
-        build_method("mmcosine", ("audio", "fusion"))
+    assert_refused("mmcosine", settings, fragment)
+    assert_refused("mmcosine", None, "two modality heads", heads=("audio", "fusion"))
 
 
 def test_authors_recipe_is_the_released_run():
-    from config import resolve_config
-
-    cfg = resolve_config(argparse.Namespace(dataset="CREMAD", method="mmcosine", recipe="authors"))
+    cfg = resolved_config("CREMAD", "mmcosine", recipe="authors")
     assert (cfg.optimizer, cfg.lr, cfg.momentum, cfg.weight_decay, cfg.lr_step, cfg.lr_gamma, cfg.batch_size,
             cfg.epochs, cfg.loss_reduction) == ("sgd", 1e-3, 0.9, 1e-4, 100, 0.1, 32, 200, "mean")

@@ -28,48 +28,41 @@ slicing of the draws, the settings, the recipe and the checkpointed state.
 """
 from __future__ import annotations
 
-import argparse
 import copy
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from config import Config
-from engines.engines_logits_com import DiagnosticMeans, StepContext, train_step
 from engines.epoch_data import LoaderEpochData
-from engines.metrics import HeadMetrics
 from engines.trainer import fit, make_loaders
 from olmbalance import build_method
-from olmbalance.base import EpochData
 from olmbalance.modality_valuation import (contributions, drawn_copies, modality_difference, sample_copies,
                                            shapley_matrix, subset_values)
+from tests.equivalence_fixtures import (CLASSES, CPU, FEATURES, INPUTS, BatchList, assert_refused, batch,
+                                        bn_late_fusion, one_step, ready_method, released_parameters,
+                                        resolved_config, sgd_run_config)
 from tests.scaling_fixtures import vector_data
 from tests.tiny import tiny_late_fusion
-from utils.errors import UserError
 
 # The cross-cutting tests (some call start_epoch(1) only): value and re-sample from the first epoch on.
 STEP_SETTINGS = {"modulation_starts": 0}
 
-CPU = torch.device("cpu")
-CLASSES, FEATURES, BATCH, LR = 3, 8, 16, 2e-3
-NOT_RELEASED = "unimodal_heads."  # fusion_only's detached read-outs: not part of the released model
+BATCH, LR = 16, 2e-3
 
 
 def plain_model(seed=0):
     """No normalization, no dropout: eval and train mode agree, a copy encodes like its original."""
-    return tiny_late_fusion("concat", CLASSES, FEATURES, seed, inputs=4)
+    return tiny_late_fusion("concat", CLASSES, FEATURES, seed, inputs=INPUTS)
 
 
-def bn_model(seed=0):
-    """BatchNorm in the encoders: a valuation in the wrong mode shows."""
-    return tiny_late_fusion("concat", CLASSES, FEATURES, seed, inputs=4, batch_norm=True)
+def ready(model=None, **settings):
+    """The method on ``model``, by default one with BatchNorm: a valuation in the wrong mode shows."""
+    return ready_method("modality_valuation", model if model is not None else bn_late_fusion(), settings, seed=0)
 
 
 def run_config(epochs, **options):
-    return Config(method="modality_valuation", epochs=epochs, batch_size=BATCH, lr=LR, optimizer="sgd",
-                  momentum=0.9, weight_decay=1e-4, loss_reduction="sum", progress=False, plots=False,
-                  device="cpu", seed=0, **options)
+    return sgd_run_config("modality_valuation", epochs, BATCH, LR, loss_reduction="sum", **options)
 
 
 def data():
@@ -78,9 +71,7 @@ def data():
 
 def our_run(tmp_path, epochs, settings):
     cfg = run_config(epochs)
-    model = plain_model()
-    method = build_method("modality_valuation", model.heads, settings, seed=0)
-    method.setup(model)
+    model, method = ready(plain_model(), **settings)
     fit(cfg, model, method, make_loaders(cfg, data(), CPU, False), tmp_path, CPU)
     return model, method
 
@@ -176,10 +167,6 @@ def released_run(epochs, level, starts=1, part=0.2, alpha=1.0):
     return model, estimates, total_copies
 
 
-def released_parameters(model):
-    return {k: v for k, v in model.state_dict().items() if not k.startswith(NOT_RELEASED)}
-
-
 @pytest.mark.parametrize("level", ["modality", "sample"])
 def test_two_epochs_of_our_trainer_equal_the_released_resampled_training(tmp_path, level):
     """Both epochs re-sample (no warm-up): the second from a valuation of the trained model."""
@@ -197,43 +184,6 @@ def test_two_epochs_of_our_trainer_equal_the_released_resampled_training(tmp_pat
 
 
 # -- wiring ---------------------------------------------------------------------------------------
-class BatchList(EpochData):
-    """EpochData over fixed batches; records which split was read and what share was asked."""
-
-    def __init__(self, train, val=()):
-        self.train, self.val, self.reads = list(train), list(val), []
-
-    def train_batches(self, share: float = 1.0):
-        self.reads.append(("train", share))
-        return iter(self.train)
-
-    def val_batches(self):
-        self.reads.append(("val", None))
-        return iter(self.val)
-
-
-def batch(seed, size=24):
-    generator = torch.Generator().manual_seed(seed)
-    inputs = {m: torch.randn(size, 4, generator=generator) for m in ("audio", "visual")}
-    return inputs, torch.arange(size) % CLASSES
-
-
-def ready(model=None, **settings):
-    model = model if model is not None else bn_model()
-    method = build_method("modality_valuation", model.heads, settings, seed=0)
-    method.setup(model)
-    return model, method
-
-
-def one_step(model, method, inputs, labels):
-    """One training step at lr 0; returns the diagnostics (gradients stay on the model)."""
-    model.train()
-    ctx = StepContext(device=CPU, network_optimizer=torch.optim.SGD(model.parameters(), lr=0.0), progress=False)
-    diagnostics = DiagnosticMeans()
-    train_step(model, method, (inputs, labels, 0), None, ctx, HeadMetrics(method.heads), diagnostics)
-    return diagnostics.means(method.heads)
-
-
 def encoder_grads(model):
     return {m: torch.cat([p.grad.reshape(-1) for p in model.encoders[m].parameters()]) for m in ("audio", "visual")}
 
@@ -255,7 +205,7 @@ def test_modality_level_values_the_training_part_in_eval_mode():
 
 def test_sample_level_values_the_step_batch_in_eval_mode_and_leaves_running_stats():
     model, method = ready(level="sample")
-    reference, plain = ready(bn_model(), level="sample")
+    reference, plain = ready(bn_late_fusion(), level="sample")
     method.start_epoch(2, model, BatchList([]))
     plain.start_epoch(1, reference, BatchList([]))  # a warm-up step: the training forward alone
     inputs, labels = batch(4)
@@ -348,16 +298,12 @@ def test_two_ranks_draw_what_one_process_draws_for_the_global_batch():
     ({"part_ratio": 0.0}, "--modality-valuation-part-ratio"),
 ])
 def test_bad_settings_are_one_sentence(settings, fragment):
-    with pytest.raises(UserError, match=fragment):
-        build_method("modality_valuation", ("audio", "visual", "fusion"), settings)
-    with pytest.raises(UserError, match="two modality heads"):
-        build_method("modality_valuation", ("audio", "fusion"))
+    assert_refused("modality_valuation", settings, fragment)
+    assert_refused("modality_valuation", None, "two modality heads", heads=("audio", "fusion"))
 
 
 def test_authors_recipe_and_state_round_trip():
-    from config import resolve_config
-
-    cfg = resolve_config(argparse.Namespace(dataset="KineticSound", method="modality_valuation", recipe="authors"))
+    cfg = resolved_config("KineticSound", "modality_valuation", recipe="authors")
     assert (cfg.optimizer, cfg.lr, cfg.weight_decay, cfg.lr_step, cfg.lr_gamma, cfg.batch_size, cfg.epochs,
             cfg.loss_reduction) == ("adam", 5e-5, 1e-4, 30, 0.1, 64, 60, "mean")
     assert cfg.method_settings == {"modality_valuation_modulation_starts": 5}

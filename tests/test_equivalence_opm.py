@@ -25,11 +25,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engines.engines_logits_com import DiagnosticMeans, StepContext, train_step
-from engines.metrics import HeadMetrics
 from olmbalance import build_method, method_entry
 from olmbalance.errors import UserError
 from olmbalance.opm import MASK_SEEDS, drop_probabilities
+from tests.equivalence_fixtures import modulation_per_step
 from tests.tiny import tiny_late_fusion
 
 CLASSES, FEATURES, INPUTS, BATCH = 4, 8, 6, 12
@@ -129,16 +128,7 @@ def our_steps(net, epochs=EPOCHS, method=None, data=None, first_epoch=1, optimiz
     method = method or build_method("opm", net.heads, settings, seed=SEED)
     method.setup(net)
     optimizer = optimizer or torch.optim.SGD(net.parameters(), lr=LR, momentum=0.9, weight_decay=1e-4)
-    ctx = StepContext(device=torch.device("cpu"), network_optimizer=optimizer, progress=False)
-    data, record = data or batches(), []
-    for epoch in range(first_epoch, first_epoch + epochs):
-        method.start_epoch(epoch, net, None)
-        net.train()
-        for _ in range(STEPS):
-            diagnostics = DiagnosticMeans()
-            train_step(net, method, (*next(data), 0), None, ctx, HeadMetrics(method.heads), diagnostics)
-            record.append(diagnostics.means(method.heads)["modulation"])
-    return method, optimizer, record
+    return method, optimizer, modulation_per_step(net, method, optimizer, data or batches(), epochs, STEPS, first_epoch)
 
 
 def assert_same_parameters(ours, released):

@@ -16,47 +16,36 @@ entropy option stops after its epochs, and that a resumed run continues identica
 """
 from __future__ import annotations
 
-import argparse
-
 import pytest
 import torch
 import torch.nn.functional as F
 
-from config import Config
-from engines.engines_logits_com import DiagnosticMeans, StepContext, train_step
 from engines.epoch_data import LoaderEpochData
-from engines.metrics import HeadMetrics
 from engines.trainer import fit, make_loaders
 from olmbalance import build_method
-from olmbalance.base import EpochData
 from olmbalance.pmr import prototype_distances, rebalance_weights
+from tests.equivalence_fixtures import (CLASSES, CPU, FEATURES, BatchList, assert_refused, batch, bn_late_fusion,
+                                        one_step, ready_method, released_parameters, resolved_config,
+                                        sgd_run_config)
 from tests.scaling_fixtures import vector_data
-from tests.tiny import tiny_late_fusion
-from utils.errors import UserError
 
-CPU = torch.device("cpu")
-CLASSES, FEATURES, BATCH, LR = 3, 8, 16, 0.05
-NOT_RELEASED = "unimodal_heads."  # fusion_only's detached read-outs: not part of the released model
-
-
-def bn_model(seed=0):
-    """Encoders with BatchNorm: eval and train mode give different features, so prototypes
-    taken in the wrong mode show."""
-    return tiny_late_fusion("concat", CLASSES, FEATURES, seed, inputs=4, batch_norm=True)
+BATCH, LR = 16, 0.05
+# The models (bn_late_fusion) have BatchNorm in their encoders: eval and train mode give
+# different features, so prototypes taken in the wrong mode show.
 
 
 def run_config(epochs, **options):
-    return Config(method="pmr", epochs=epochs, batch_size=BATCH, lr=LR, optimizer="sgd", momentum=0.9,
-                  weight_decay=1e-4, loss_reduction="mean", progress=False, plots=False, device="cpu", seed=0,
-                  **options)
+    return sgd_run_config("pmr", epochs, BATCH, LR, **options)
+
+
+def ready(seed=0, **settings):
+    return ready_method("pmr", bn_late_fusion(seed), settings)
 
 
 def our_run(tmp_path, epochs, settings, resume=False):
     """``epochs`` epochs of engines.trainer.fit; returns the model and the method."""
     cfg = run_config(epochs, resume=str(tmp_path) if resume else None)
-    model = bn_model()
-    method = build_method("pmr", model.heads, settings)
-    method.setup(model)
+    model, method = ready_method("pmr", bn_late_fusion(), settings)
     fit(cfg, model, method, make_loaders(cfg, vector_data(), CPU, False), tmp_path, CPU)
     return model, method
 
@@ -113,7 +102,7 @@ def released_run(epochs, alpha=1.0, momentum=0.2, window=(0, 100)):
     Returns the model and the prototypes each epoch trained with."""
     cfg = run_config(epochs)
     loaders = make_loaders(cfg, vector_data(), CPU, False)
-    model = bn_model()
+    model = bn_late_fusion()
     optimizer = torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9, weight_decay=1e-4)
 
     def tenth(epoch):  # the same samples our trainer hands start_epoch(epoch)
@@ -126,10 +115,6 @@ def released_run(epochs, alpha=1.0, momentum=0.2, window=(0, 100)):
         released_train_epoch(model, optimizer, loaders.train, epoch, prototypes, alpha, window)
         prototypes = released_prototypes(model, tenth(epoch + 2), epoch, prototypes, momentum)
     return model, used
-
-
-def released_parameters(model):
-    return {k: v for k, v in model.state_dict().items() if not k.startswith(NOT_RELEASED)}
 
 
 @pytest.mark.parametrize("settings, released", [
@@ -161,42 +146,6 @@ def test_a_resumed_run_continues_like_an_uninterrupted_one(tmp_path):
 
 
 # -- wiring ---------------------------------------------------------------------------------------
-class BatchList(EpochData):
-    """EpochData over fixed batches; records which split was read and what share was asked."""
-
-    def __init__(self, train, val=()):
-        self.train, self.val, self.reads = list(train), list(val), []
-
-    def train_batches(self, share: float = 1.0):
-        self.reads.append(("train", share))
-        return iter(self.train)
-
-    def val_batches(self):
-        self.reads.append(("val", None))
-        return iter(self.val)
-
-
-def batch(seed, size=24, classes=CLASSES):
-    generator = torch.Generator().manual_seed(seed)
-    inputs = {m: torch.randn(size, 4, generator=generator) for m in ("audio", "visual")}
-    return inputs, torch.arange(size) % classes
-
-
-def ready(seed=0, **settings):
-    model = bn_model(seed)
-    method = build_method("pmr", model.heads, settings)
-    method.setup(model)
-    return model, method
-
-
-def one_step(model, method, inputs, labels, lr=0.0):
-    model.train()
-    ctx = StepContext(device=CPU, network_optimizer=torch.optim.SGD(model.parameters(), lr=lr), progress=False)
-    diagnostics = DiagnosticMeans()
-    train_step(model, method, (inputs, labels, 0), None, ctx, HeadMetrics(method.heads), diagnostics)
-    return diagnostics.means(method.heads)
-
-
 def test_prototypes_read_a_tenth_of_the_training_split_in_eval_mode():
     model, method = ready()
     modes = []
@@ -305,19 +254,15 @@ def test_paper_weighting_and_entropy_by_hand_and_the_entropy_window_closes():
     ({"weighting": "scaled"}, "--pmr-weighting"), ({"entropy_weight": float("nan")}, "--pmr-entropy-weight"),
 ])
 def test_bad_settings_are_one_sentence(settings, fragment):
-    with pytest.raises(UserError, match=fragment):
-        build_method("pmr", ("audio", "visual", "fusion"), settings)
-    with pytest.raises(UserError, match="two modality heads"):
-        build_method("pmr", ("audio", "fusion"))
+    assert_refused("pmr", settings, fragment)
+    assert_refused("pmr", None, "two modality heads", heads=("audio", "fusion"))
 
 
 def test_authors_recipe_is_the_released_run():
-    from config import resolve_config
-
-    cfg = resolve_config(argparse.Namespace(dataset="AVE", method="pmr", recipe="authors"))
+    cfg = resolved_config("AVE", "pmr", recipe="authors")
     assert (cfg.optimizer, cfg.lr, cfg.momentum, cfg.weight_decay, cfg.lr_step, cfg.lr_gamma, cfg.batch_size,
             cfg.epochs, cfg.loss_reduction) == ("sgd", 1e-3, 0.9, 1e-4, 70, 0.1, 64, 130, "mean")
     assert cfg.method_settings == {"pmr_alpha": 2.0, "pmr_momentum": 0.0, "pmr_modulation_ends": 70,
                                    "pmr_prototype_data": "val"}
-    plain = resolve_config(argparse.Namespace(dataset="AVE", method="pmr"))
+    plain = resolved_config("AVE", "pmr")
     assert plain.method_settings == {} and plain.optimizer != "sgd"

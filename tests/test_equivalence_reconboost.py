@@ -20,7 +20,6 @@ and saved, the settings and the recipe.
 """
 from __future__ import annotations
 
-import argparse
 import random
 
 import pytest
@@ -28,18 +27,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from config import Config
 from engines.engines_logits_com import DiagnosticMeans, StepContext, train_step
 from engines.metrics import HeadMetrics
 from engines.trainer import fit, make_loaders
 from olmbalance import build_method
 from olmbalance.reconboost import RATE_NAME, boosting_loss
+from tests.equivalence_fixtures import (CLASSES, CPU, FEATURES, MODALITIES, assert_refused, batch,
+                                        configured_method, ready_method, resolved_config, sgd_run_config)
 from tests.scaling_fixtures import vector_data
 from utils.errors import UserError
 
-CPU = torch.device("cpu")
-CLASSES, FEATURES, BATCH, LR, WD = 3, 8, 16, 0.05, 5e-4
-MODALITIES = ("audio", "visual")
+BATCH, LR, WD = 16, 0.05, 5e-4
 # The cross-cutting tests' two epochs: boosting of audio, then its rectification.
 STEP_SETTINGS = {"stage_epochs": 1, "rectify_epochs": 1}
 
@@ -55,16 +53,11 @@ def bn_model(seed=0):
 
 
 def run_config(epochs, **options):
-    return Config(method="reconboost", epochs=epochs, batch_size=BATCH, lr=LR, optimizer="sgd", momentum=0.0,
-                  weight_decay=WD, loss_reduction="mean", progress=False, plots=False, device="cpu", seed=0,
-                  **options)
+    return sgd_run_config("reconboost", epochs, BATCH, LR, momentum=0.0, weight_decay=WD, **options)
 
 
 def ready(settings=None, seed=0):
-    model = bn_model(seed)
-    method = build_method("reconboost", model.heads, settings)
-    method.setup(model)
-    return model, method
+    return ready_method("reconboost", bn_model(seed), settings)
 
 
 def our_run(tmp_path, epochs, settings):
@@ -186,12 +179,6 @@ def test_the_schedule_alternates_modalities_and_phases_and_is_saved():
     assert (restored.stage, restored.phase, restored.members) == (3, "boost", (a, v, t))
 
 
-def batch(seed, size=24):
-    generator = torch.Generator().manual_seed(seed)
-    inputs = {m: torch.randn(size, 4, generator=generator) for m in MODALITIES}
-    return inputs, torch.arange(size) % CLASSES
-
-
 def test_each_phase_moves_its_parameters_and_records_the_released_statistics():
     model, method = ready()
     assert model.unimodal_heads["audio"] is model.unimodal_heads["visual"]
@@ -277,27 +264,21 @@ def test_a_fixed_boost_rate_is_the_methods_and_the_model_stays_plain():
     ({"rate": 1}, "no setting"),
 ])
 def test_bad_settings_are_one_sentence(settings, fragment):
-    with pytest.raises(UserError, match=fragment):
-        build_method("reconboost", ("audio", "visual", "fusion"), settings)
+    assert_refused("reconboost", settings, fragment)
 
 
 def test_models_without_a_shareable_head_are_refused():
-    with pytest.raises(UserError, match="--method reconboost"):
-        build_method("reconboost", ("audio", "fusion"))
+    assert_refused("reconboost", None, "--method reconboost", heads=("audio", "fusion"))
     with pytest.raises(UserError, match="--method reconboost needs a late-fusion model"):
         build_method("reconboost", ("audio", "visual", "fusion")).setup(nn.Linear(2, 2))
 
 
 def test_settings_and_the_authors_recipe_come_from_the_run_config():
-    from config import resolve_config
-    from engines.methods import method_from_config
-
-    cfg = resolve_config(argparse.Namespace(dataset="AVE", method="reconboost", recipe="authors"))
+    cfg = resolved_config("AVE", "reconboost", recipe="authors")
     assert (cfg.optimizer, cfg.lr, cfg.momentum, cfg.weight_decay, cfg.lr_step, cfg.lr_gamma, cfg.batch_size,
             cfg.loss_reduction) == ("sgd", 0.01, 0.9, 5e-4, 320, 0.5, 64, "mean")
-    method = method_from_config(cfg, ("audio", "visual", "fusion"), train_size=640)
+    method = configured_method(cfg)
     assert (method.stage_epochs, method.rectify_epochs, method.weight1) == (4, 4, 4.0)
-    cfg = resolve_config(argparse.Namespace(dataset="CREMAD", method="reconboost", reconboost_weight2=2.0,
-                                            reconboost_alpha=0.1, reconboost_train_boost_rate=False))
-    method = method_from_config(cfg, ("audio", "visual", "fusion"), train_size=640)
+    method = configured_method(resolved_config("CREMAD", "reconboost", reconboost_weight2=2.0, reconboost_alpha=0.1,
+                                               reconboost_train_boost_rate=False))
     assert (method.weight1, method.weight2, method.alpha, method.train_boost_rate) == (5.0, 2.0, 0.1, False)

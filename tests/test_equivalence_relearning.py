@@ -16,7 +16,6 @@ seeded draw, the saved initial weights, what is logged, the settings and the rec
 """
 from __future__ import annotations
 
-import argparse
 import json
 
 import numpy as np
@@ -26,16 +25,15 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from config import Config
 from engines.trainer import fit, make_loaders
 from olmbalance import build_method
 from olmbalance.base import EpochData
 from olmbalance.relearning import kmeans, min_max_scale, purity
+from tests.equivalence_fixtures import (CPU, MODALITIES, assert_refused, configured_method, ready_method,
+                                        resolved_config, sgd_run_config)
 from utils.errors import UserError
 
-CPU = torch.device("cpu")
 CLASSES, FEATURES, BATCH, LR = 3, 8, 16, 0.01
-MODALITIES = ("audio", "visual")
 # The cross-cutting tests' two epochs: a re-initialization before the second one.
 STEP_SETTINGS = {"reinit_epoch": 1, "reinit_offset": 0}
 
@@ -81,16 +79,11 @@ def linear_model(seed=0):
 
 
 def run_config(epochs, **options):
-    return Config(method="relearning", epochs=epochs, batch_size=BATCH, lr=LR, optimizer="sgd", momentum=0.9,
-                  weight_decay=1e-4, loss_reduction="mean", progress=False, plots=False, device="cpu", seed=0,
-                  **options)
+    return sgd_run_config("relearning", epochs, BATCH, LR, **options)
 
 
 def ready(settings=None, seed=0):
-    model = linear_model(seed)
-    method = build_method("relearning", model.heads, settings, seed=0)
-    method.setup(model)
-    return model, method
+    return ready_method("relearning", linear_model(seed), settings, seed=0)
 
 
 # -- the released training, re-stated -------------------------------------------------------------------
@@ -309,8 +302,7 @@ def test_the_initial_weights_are_saved_and_blended_with():
     ({"kmeans_inits": 0}, "--relearning-kmeans-inits"), ({"lambda": 1}, "no setting"),
 ])
 def test_bad_settings_are_one_sentence(settings, fragment):
-    with pytest.raises(UserError, match=fragment):
-        build_method("relearning", ("audio", "visual", "fusion"), settings)
+    assert_refused("relearning", settings, fragment)
 
 
 def test_models_without_encoder_features_are_refused():
@@ -321,16 +313,12 @@ def test_models_without_encoder_features_are_refused():
 
 
 def test_settings_and_the_authors_recipe_come_from_the_run_config():
-    from config import resolve_config
-    from engines.methods import method_from_config
-
-    cfg = resolve_config(argparse.Namespace(dataset="CREMAD", method="relearning", recipe="authors"))
+    cfg = resolved_config("CREMAD", "relearning", recipe="authors")
     assert (cfg.optimizer, cfg.lr, cfg.momentum, cfg.weight_decay, cfg.lr_step, cfg.batch_size, cfg.epochs,
             cfg.loss_reduction) == ("sgd", 0.002, 0.9, 1e-4, 0, 64, 90, "mean")
-    method = method_from_config(cfg, ("audio", "visual", "fusion"), train_size=640)
+    method = configured_method(cfg)
     assert (method.reinit_epoch, method.reinit_num, method.move_lambda) == (20, 3, 3.0)
-    cfg = resolve_config(argparse.Namespace(dataset="CREMAD", method="relearning", relearning_move_lambda=2.0,
-                                            relearning_reinit_offset=0, relearning_kmeans_inits=10))
-    method = method_from_config(cfg, ("audio", "visual", "fusion"), train_size=640)
+    method = configured_method(resolved_config("CREMAD", "relearning", relearning_move_lambda=2.0,
+                                               relearning_reinit_offset=0, relearning_kmeans_inits=10))
     assert (method.move_lambda, method.reinit_epoch, method.reinit_num, method.reinit_offset,
             method.kmeans_inits) == (2.0, 15, 2, 0, 10)

@@ -15,7 +15,6 @@ that they stay frozen, loading them from run folders, the checkpointed state, th
 """
 from __future__ import annotations
 
-import argparse
 import copy
 
 import pytest
@@ -23,21 +22,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from config import Config
-from engines.engines_logits_com import DiagnosticMeans, StepContext, train_step
 from engines.epoch_data import LoaderEpochData
-from engines.metrics import HeadMetrics
 from engines.trainer import fit, make_loaders
 from olmbalance import build_method
-from olmbalance.base import EpochData
+from tests.equivalence_fixtures import (CLASSES, CPU, INPUTS, MODALITIES, BatchList, assert_refused, batch,
+                                        bn_late_fusion, one_step, ready_method, released_epochs,
+                                        released_parameters, resolved_config, sgd_run_config)
 from tests.scaling_fixtures import vector_data
 from tests.tiny import TinyModel, tiny_late_fusion
 from utils.errors import UserError
 
-CPU = torch.device("cpu")
-CLASSES, FEATURES, BATCH, LR = 3, 8, 16, 0.05
-MODALITIES = ("audio", "visual")
-NOT_RELEASED = "unimodal_heads."  # fusion_only's detached read-outs: not part of the released model
+BATCH, LR = 16, 0.05
 # The cross-cutting step tests' two short epochs: one teacher epoch each.
 STEP_SETTINGS = {"teacher_epochs": 1}
 
@@ -45,25 +40,17 @@ STEP_SETTINGS = {"teacher_epochs": 1}
 OTHER_SETTING_VALUES = {"teachers": ["audio=runs/audio_only-s0"]}
 
 
-def bn_model(seed=0, fusion="concat"):
-    return tiny_late_fusion(fusion, CLASSES, FEATURES, seed, inputs=4, batch_norm=True)
-
-
 def data():
     return vector_data(train=48, val=16, test=16)
 
 
 def run_config(epochs):
-    return Config(method="unimodal_teacher", epochs=epochs, batch_size=BATCH, lr=LR, optimizer="sgd", momentum=0.9,
-                  weight_decay=1e-4, loss_reduction="mean", progress=False, plots=False, device="cpu", seed=0)
+    return sgd_run_config("unimodal_teacher", epochs, BATCH, LR)
 
 
 def ready(seed=0, epochs=None, **settings):
-    model = bn_model(seed)
-    method = build_method("unimodal_teacher", model.heads, settings, epochs=epochs, optimizer="sgd", lr=LR,
-                          momentum=0.9, weight_decay=1e-4)
-    method.setup(model)
-    return model, method
+    return ready_method("unimodal_teacher", bn_late_fusion(seed), settings, epochs=epochs, optimizer="sgd", lr=LR,
+                        momentum=0.9, weight_decay=1e-4)
 
 
 # -- BalanceBenchmark's training, re-stated ---------------------------------------------------------
@@ -90,29 +77,22 @@ def released_teacher(model, modality, epoch_data, epochs):
 def released_run(epochs, scaling, teacher_epochs, teacher_train_mode=False):
     cfg = run_config(epochs)
     loaders = make_loaders(cfg, data(), CPU, False)
-    model = bn_model()
+    model = bn_late_fusion()
     epoch_data = LoaderEpochData(loaders.train, loaders.val, CPU, cfg.seed, 1, lambda x: x)  # what start_epoch(1) reads
     teachers = {m: released_teacher(model, m, epoch_data, teacher_epochs) for m in MODALITIES}
-    optimizer = torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9, weight_decay=1e-4)
     mse = nn.MSELoss()
-    for _ in range(epochs):
-        model.train()
-        for inputs, labels in ((x, y) for x, y, _ in loaders.train):
-            optimizer.zero_grad()
-            features = {m: model.encoders[m](inputs[m]) for m in MODALITIES}
-            loss = F.cross_entropy(model.fusion([features[m] for m in MODALITIES]), labels)
-            for m in MODALITIES:
-                with torch.no_grad():
-                    teachers[m].train(teacher_train_mode)
-                    target = teachers[m](inputs[m])
-                loss = loss + scaling * mse(target, features[m])
-            loss.backward()
-            optimizer.step()
-    return model, teachers
 
+    def loss(model, inputs, labels, _):
+        features = {m: model.encoders[m](inputs[m]) for m in MODALITIES}
+        total = F.cross_entropy(model.fusion([features[m] for m in MODALITIES]), labels)
+        for m in MODALITIES:
+            with torch.no_grad():
+                teachers[m].train(teacher_train_mode)
+                target = teachers[m](inputs[m])
+            total = total + scaling * mse(target, features[m])
+        return total
 
-def released_parameters(model):
-    return {k: v for k, v in model.state_dict().items() if not k.startswith(NOT_RELEASED)}
+    return released_epochs(model, loaders.train, epochs, LR, loss), teachers
 
 
 @pytest.mark.parametrize("settings, released", [
@@ -135,35 +115,6 @@ def test_two_epochs_of_our_trainer_equal_balancebenchmarks_training(tmp_path, se
 
 
 # -- wiring ---------------------------------------------------------------------------------------
-def batch(seed, size=24):
-    generator = torch.Generator().manual_seed(seed)
-    inputs = {m: torch.randn(size, 4, generator=generator) for m in MODALITIES}
-    return inputs, torch.arange(size) % CLASSES
-
-
-class BatchList(EpochData):
-    """EpochData over fixed batches; records which split was read and what share was asked."""
-
-    def __init__(self, train=(), val=()):
-        self.train, self.val, self.reads = list(train), list(val), []
-
-    def train_batches(self, share: float = 1.0):
-        self.reads.append(("train", share))
-        return iter(self.train)
-
-    def val_batches(self):
-        self.reads.append(("val", None))
-        return iter(self.val)
-
-
-def one_step(model, method, inputs, labels, lr=0.0):
-    model.train()
-    ctx = StepContext(device=CPU, network_optimizer=torch.optim.SGD(model.parameters(), lr=lr), progress=False)
-    diagnostics = DiagnosticMeans()
-    train_step(model, method, (inputs, labels, 0), None, ctx, HeadMetrics(method.heads), diagnostics)
-    return diagnostics.means(method.heads)
-
-
 def test_teachers_train_on_the_whole_training_split_and_select_on_validation_before_epoch_one():
     model, method = ready(teacher_epochs=2)
     data = BatchList([batch(1), batch(2)], [batch(3)])
@@ -184,7 +135,7 @@ def test_teachers_stay_frozen_and_the_mse_reaches_the_encoders_only():
         method.scaling = scaling
         diagnostics = one_step(model, method, *batch(5), lr=0.1)
         grads[scaling] = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-        model.load_state_dict(bn_model().state_dict())  # the same student for both
+        model.load_state_dict(bn_late_fusion().state_dict())  # the same student for both
     for key, value in method.teachers.state_dict().items():
         assert torch.equal(value, teachers[key]), key  # no step moves a teacher (eval mode: nor its statistics)
     assert all(p.grad is None and not p.requires_grad for p in method.teachers.parameters())
@@ -195,7 +146,7 @@ def test_teachers_stay_frozen_and_the_mse_reaches_the_encoders_only():
 
 
 def test_teachers_from_run_folders(tmp_path):
-    source = bn_model(seed=7)
+    source = bn_late_fusion(seed=7)
     folder = tmp_path / "audio-run"
     folder.mkdir()
     torch.save({"model": source.state_dict(), "config": {"method": "audio_only"}}, folder / "best.pt")
@@ -242,14 +193,13 @@ def test_the_window_counts_epochs_from_zero_and_teachers_start_from_the_initial_
     ({"modulation_starts": 3, "modulation_ends": 1}, "3..1"), ({"teacher_epochs": -1}, "teacher-epochs"),
 ])
 def test_bad_settings_are_one_sentence(settings, fragment):
-    with pytest.raises(UserError, match=fragment):
-        build_method("unimodal_teacher", ("audio", "visual", "fusion"), settings, epochs=2)
+    assert_refused("unimodal_teacher", settings, fragment, epochs=2)
 
 
 def test_unusable_teachers_and_models_are_refused_in_one_sentence(tmp_path):
     with pytest.raises(UserError, match="no checkpoint at"):
         ready(teachers=f"audio={tmp_path / 'missing'}", teacher_epochs=1)
-    torch.save({"model": tiny_late_fusion("concat", CLASSES, 5, 0, inputs=4).state_dict()}, tmp_path / "other.pt")
+    torch.save({"model": tiny_late_fusion("concat", CLASSES, 5, 0, inputs=INPUTS).state_dict()}, tmp_path / "other.pt")
     with pytest.raises(UserError, match="does not fit this model"):
         ready(teachers=f"visual={tmp_path / 'other.pt'}", teacher_epochs=1)
     with pytest.raises(UserError, match="--method unimodal_teacher"):
@@ -259,8 +209,6 @@ def test_unusable_teachers_and_models_are_refused_in_one_sentence(tmp_path):
 
 
 def test_the_recipe():
-    from config import resolve_config
-
-    cfg = resolve_config(argparse.Namespace(dataset="CREMAD", method="unimodal_teacher", recipe="authors"))
+    cfg = resolved_config("CREMAD", "unimodal_teacher", recipe="authors")
     assert (cfg.optimizer, cfg.lr, cfg.weight_decay, cfg.lr_step, cfg.lr_gamma, cfg.batch_size, cfg.epochs,
             cfg.loss_reduction) == ("adamw", 1e-3, 0.01, 10, 0.1, 32, 30, "mean")
