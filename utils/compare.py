@@ -27,8 +27,14 @@ from utils.plot import read_rows
 from utils.report import regime
 
 # Display order; methods not listed follow alphabetically.
-METHOD_ORDER = ("audio_only", "visual_only", "joint", "fusion_only", "ogm_ge", "olm", "olm_loss_ratio", "olm_mean",
-                "g_blending", "pmr", "agm", "mmpareto", "mla")
+# References first, then OLM, then every other method in the registry's order.
+LEADING_METHODS = ("audio_only", "visual_only", "joint", "fusion_only", "ogm_ge", "olm", "olm_loss_ratio", "olm_mean")
+
+
+def method_order() -> tuple[str, ...]:
+    from olmbalance import METHODS
+
+    return LEADING_METHODS + tuple(m for m in METHODS if m not in LEADING_METHODS)
 # Config keys that may differ between runs of one fair comparison.
 PER_RUN_KEYS = {"method", "seed", "out", "resume", "device", "progress", "plots", "workers", "data_root",
                 "imbalance"}
@@ -116,7 +122,7 @@ def group_by_method(runs: list[Run]) -> dict[str, list[Run]]:
     groups: dict[str, list[Run]] = defaultdict(list)
     for run in runs:
         groups[run.label or run.method].append(run)
-    order = {m: i for i, m in enumerate(METHOD_ORDER)}
+    order = {m: i for i, m in enumerate(method_order())}
 
     def key(label):
         method = groups[label][0].method
