@@ -20,16 +20,17 @@ from olmbalance import pmr  # noqa: F401,E402
 from olmbalance import agm  # noqa: F401,E402
 from olmbalance import mmpareto  # noqa: F401,E402
 from olmbalance import mla  # noqa: F401,E402
-from olmbalance import reconboost  # noqa: F401,E402
-from olmbalance import relearning  # noqa: F401,E402
-from olmbalance import opm  # noqa: F401,E402
-from olmbalance import amco  # noqa: F401,E402
-from olmbalance import cml  # noqa: F401,E402
-from olmbalance import lfm  # noqa: F401,E402
-from olmbalance import greedy  # noqa: F401,E402
+# BalanceBenchmark's other methods, by its grouping: objective, optimization, feed-forward, data.
 from olmbalance import mmcosine  # noqa: F401,E402
 from olmbalance import unimodal_teacher  # noqa: F401,E402
 from olmbalance import mbsd  # noqa: F401,E402
+from olmbalance import cml  # noqa: F401,E402
+from olmbalance import lfm  # noqa: F401,E402
+from olmbalance import reconboost  # noqa: F401,E402
+from olmbalance import relearning  # noqa: F401,E402
+from olmbalance import opm  # noqa: F401,E402
+from olmbalance import greedy  # noqa: F401,E402
+from olmbalance import amco  # noqa: F401,E402
 from olmbalance import modality_valuation  # noqa: F401,E402
 
 __all__ = ["LogitModulator", "heldout_forward", "METHODS", "RunContext", "Setting", "Method",
