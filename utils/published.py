@@ -18,7 +18,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from utils.compare import format_mean_std, group_by_method, load_runs, mean_std
+from utils.compare import format_mean_std, group_by_method, load_runs, mean_std, method_order
 
 # Their table, test accuracy and macro-F1 in %, copied by hand for the audio-visual sets this
 # project also loads (docs/comparison.md shows the same table; a test keeps the two equal).
@@ -76,7 +76,12 @@ def render(folders: list[Path]) -> str:
         groups = group_by_method(runs)
         dataset = runs[0].results.get("dataset") or folder.name.removeprefix("compare-")
         summaries.append((dataset, groups))
-    methods = [m for m in PUBLISHED if m not in ("audio_only", "visual_only", "joint")]
+    # Their methods and every other label of our folders (OLM and its variants), in our order.
+    references = ("audio_only", "visual_only", "joint")
+    ours_labels = {label for _, groups in summaries for label in groups}
+    order = {m: i for i, m in enumerate(method_order())}
+    methods = sorted((set(PUBLISHED) | ours_labels) - set(references),
+                     key=lambda m: (order.get(m.split("-")[0], len(order)), m))
     ours = [f"ours: {d} fusion acc | ours: {d} − joint" for d, _ in summaries]
     theirs = [f"theirs: {d} − Baseline" for d in DATASETS]
     lines = ["Fusion test accuracy in %; '− joint' is each seed's fusion accuracy minus joint training's of the "
