@@ -41,12 +41,15 @@ def parse_args(argv=None):
     parser.add_argument("--warmup", type=int, default=5,
                         help="untimed steps per method first (OLM methods: at least through the "
                              "reference window, one epoch by default)")
+    parser.add_argument("--epoch", type=int, default=3,
+                        help="the epoch the timed steps belong to: every method's start_epoch runs for epochs "
+                             "1..EPOCH first, so warm-up epochs (OPM, modality valuation, Greedy) are past")
     parser.add_argument("--report", help="also write the figures to this markdown file (e.g. "
                                          "docs/results/bench-step-time.md)")
     parser.add_argument("flags", nargs=argparse.REMAINDER,
                         help="main.py flags after '--' (e.g. -- --dataset AVDigits --heldout-every 2)")
     args = parser.parse_args(argv)
-    for name in ("rounds", "steps"):
+    for name in ("rounds", "steps", "epoch"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             parser.error(f"--{name} must be at least 1")
     return args
@@ -71,23 +74,25 @@ def quartiles(values) -> tuple[float, float, float]:
 
 
 def render(cfg, device, threads, names, baseline, times, ratios, steps, epoch_work, epoch_steps) -> str:
-    rounds = len(times[names[-1]])
+    rounds, last = len(times[names[-1]]), len(epoch_work[baseline])
     lines = [f"{rounds} rounds; in each, every method trains a block of {steps} steps next to a block of "
              f"{baseline} (alternating order). {cfg.dataset} defaults: encoder {cfg.encoder}, batch {cfg.batch_size}, "
              f"held-out batch {cfg.heldout_batch_size} every {cfg.heldout_every} step(s) "
              f"({cfg.heldout_norm} statistics); device {device}, torch threads {threads}. "
              f"'over {baseline}' is the median over rounds of the ratio between the two adjacent "
-             "blocks (interquartile range in brackets). 'epoch 1 work' is the time of the method's "
-             "start_epoch(1) (teachers, prototypes, copies, valuations: work on train/val data besides "
-             f"the steps; some methods repeat it every epoch or super-epoch, see their docstrings), "
-             f"and beside it as a share of one epoch of {baseline} steps ({epoch_steps} steps at its "
-             "median step time; data loading not counted).", "",
-             f"| method | median step (ms) | over {baseline} | epoch 1 work (s) | epoch 1 work / {baseline} epoch |",
-             "|---|---|---|---|---|"]
+             f"blocks (interquartile range in brackets). The steps are epoch {last}'s: each method's "
+             f"start_epoch ran for epochs 1..{last} first, so warm-up epochs are past. 'work before "
+             "epoch k' is the time of start_epoch(k) (teachers, prototypes, copies, valuations: work on "
+             "train/val data besides the steps; a method repeats it on its own schedule, see its "
+             f"docstring), in seconds and as a share of one epoch of {baseline} steps ({epoch_steps} "
+             "steps at its median step time; data loading not counted).", "",
+             f"| method | median step (ms) | over {baseline} | work before epoch 1 (s, share) | "
+             f"work before epoch {last} (s, share) |", "|---|---|---|---|---|"]
     epoch = statistics.median(times[baseline]) * epoch_steps
 
     def work(name):
-        return f"{epoch_work[name]:.2f} | {epoch_work[name] / epoch:.2f}"
+        first, final = epoch_work[name][0], epoch_work[name][-1]
+        return f"{first:.2f} ({first / epoch:.2f}) | {final:.2f} ({final / epoch:.2f})"
 
     lines.append(f"| {baseline} | {statistics.median(times[baseline]) * 1000:.1f} | 1 | {work(baseline)} |")
     for name in names[1:]:
@@ -137,17 +142,19 @@ def main(argv=None) -> None:
         if device.type == "cuda":
             torch.cuda.synchronize()
 
-    # Epoch 1's work before its steps (teachers, prototypes, copies, valuations), timed once:
-    # what a method costs besides its steps.
-    epoch_work = {}
+    # The work before an epoch's steps (teachers, prototypes, copies, valuations), for epochs
+    # 1..--epoch, timed: what a method costs besides its steps; the steps then belong to that epoch.
+    epoch_work = {name: [] for name in names}
     for name in names:
         model, method, ctx, loaders = runs[name]
-        began = time.perf_counter()
-        method.start_epoch(1, model, LoaderEpochData(loaders.train, loaders.val, device, cfg.seed, 1,
-                                                     lambda inputs: to_device(inputs, ctx)))
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        epoch_work[name] = time.perf_counter() - began
+        for epoch in range(1, args.epoch + 1):
+            began = time.perf_counter()
+            method.start_epoch(epoch, model, LoaderEpochData(loaders.train, loaders.val, device, cfg.seed, epoch,
+                                                             lambda inputs: to_device(inputs, ctx)))
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            epoch_work[name].append(time.perf_counter() - began)
+            model.train()
     for name in names:
         method = runs[name][1]
         reference = getattr(getattr(method, "modulator", None), "reference_steps", 0)
