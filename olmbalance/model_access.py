@@ -107,7 +107,8 @@ def share_unimodal_head(model: nn.Module, method_name: str, modalities: Sequence
     model without trainable unimodal heads of one width."""
     net = distributed.unwrap(model)
     heads = getattr(net, "unimodal_heads", None)
-    if heads is None or set(heads.keys()) != set(modalities) or getattr(net, "detach_unimodal_heads", False):
+    if (heads is None or set(heads.keys()) != set(modalities) or getattr(net, "detach_unimodal_heads", False)
+            or not all(isinstance(heads[m], nn.Linear) for m in modalities)):
         raise UserError(f"--method {method_name} needs a late-fusion model with one trainable linear head per "
                         f"modality to share; {type(net).__name__} has none")
     shared = heads[modalities[0]]

@@ -309,3 +309,21 @@ def test_valence_regressor_trains_on_known_targets_only():
     assert model.valence_head.linear.weight.grad.abs().sum() > 0
     assert "valence" not in build_transformer("ca", ("audio", "visual"), 8, 2, d_model=16, num_heads=2)(
         {"audio": torch.randn(2, 3, 8), "visual": torch.randn(2, 3, 8)})
+
+
+@pytest.mark.parametrize("model_type", MODEL_TYPES)
+def test_every_method_sets_up_on_a_transformer_or_refuses_in_one_sentence(model_type):
+    """Mid fusion has no separate encoders: a method that needs them says so, naming its flag."""
+    from olmbalance import METHODS, method_entry
+
+    method_entry("olm")  # the registry filled
+    model = build_transformer(model_type, ("audio", "visual"), 8, 2, d_model=16, num_layers=1, num_heads=2,
+                              num_bottleneck=2)
+    for name in METHODS:
+        method = build_method(name, ("audio", "visual", "fusion"), steps_per_epoch=2, seed=0, epochs=2)
+        try:
+            method.setup(model)
+        except UserError as refusal:
+            message = str(refusal)
+            assert f"--method {name}" in message or "--model-type" in message, (name, message)
+            assert message.count(". ") == 0, (name, message)  # one sentence
