@@ -254,8 +254,10 @@ def test_compare_ensemble_row_equals_a_hand_computation(tmp_path):
 
 # -- end to end ----------------------------------------------------------------------------
 def test_main_writes_the_diagnostics_and_the_command_recomputes_them(tiny_avdigits, tmp_path, capsys):
-    out = tmp_path / "joint"
-    main.main([*TINY_FLAGS, "--data-root", tiny_avdigits, "--method", "joint", "--epochs", "1",
+    # AMCo adds an output layer to the fusion head at setup, so the command must rebuild the
+    # run's method before loading best.pt (a bare model refuses its keys).
+    out = tmp_path / "amco"
+    main.main([*TINY_FLAGS, "--data-root", tiny_avdigits, "--method", "amco", "--epochs", "1",
                "--keep-checkpoints", "best", "--out", out])
     printed = capsys.readouterr().out
     assert "probe audio" in printed and "probe visual" in printed and "reliance" in printed
@@ -287,3 +289,4 @@ def test_no_imbalance_flag_skips_them(tiny_avdigits, tmp_path):
                "--no-imbalance", "--out", out])
     assert "imbalance" not in json.loads((out / "results.json").read_text())
     assert not (out / imbalance.PREDICTIONS_FILE).exists()
+
